@@ -1,0 +1,34 @@
+# Two set-up commands (see README): `make demo` and `make test`. Everything else hangs off `install`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export MONAI_LABEL_TRACKING_ENABLED ?= false
+
+.PHONY: install test test-slow lint format demo clean
+
+install: $(STAMP)
+
+# Re-run only when the declared dependencies change; a second `make install` does nothing.
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check medmeta_plugin apps tests
+	$(BIN)/ruff format --check medmeta_plugin apps tests
+
+format: install
+	$(BIN)/ruff check --fix medmeta_plugin apps tests
+	$(BIN)/ruff format medmeta_plugin apps tests
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""The ``medmeta`` command line: thin wrappers over the library's API modules."""

@@ -1,0 +1,243 @@
+"""The shared 3D backbone B(x; phi): a U-shaped encoder-decoder built from MONAI convolution blocks.
+
+It returns a voxel feature map (for segmentation heads) and a pooled embedding (for classification and
+regression heads). Every convolution can take a weight delta and every decoder level a feature modulation
+from an :class:`~medmeta_plugin.networks.adapters.Adapter`, which is how task adapters act on the backbone
+without copying or mutating it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution, UpSample
+from monai.utils import look_up_option
+from torch import nn
+
+if TYPE_CHECKING:
+    from medmeta_plugin.networks.adapters import Adapter
+
+__all__ = ["NORMS", "AdaptableConv", "Backbone3D", "BackboneConfig", "BackboneOutput"]
+
+# Batch norm is deliberately absent: adaptation runs with one support case per step, where batch
+# statistics are meaningless, and meta-learning inner loops must not mix statistics across tasks.
+NORMS = ("instance", "group")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Hyper-parameters of :class:`Backbone3D`.
+
+    Attributes:
+        in_channels: image channels (1 for CT or single-sequence MR).
+        features: channels per resolution level, finest first; the depth is ``len(features)`` and each
+            level halves the resolution, so input sizes must be divisible by ``2 ** (len(features) - 1)``.
+        norm: ``"instance"`` or ``"group"`` normalisation (with learnable affine parameters).
+        groups: number of groups for group normalisation.
+        dropout: dropout probability inside the convolution blocks.
+    """
+
+    in_channels: int = 1
+    features: tuple[int, ...] = (16, 32, 64, 128)
+    norm: str = "instance"
+    groups: int = 8
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}.")
+        if len(self.features) < 2 or any(int(f) < 1 for f in self.features):
+            raise ValueError(f"features needs at least two positive channel counts, got {self.features}.")
+        look_up_option(self.norm, NORMS)
+        if self.norm == "group" and any(f % self.groups for f in self.features):
+            raise ValueError(f"group norm needs every feature count divisible by groups={self.groups}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        object.__setattr__(self, "features", tuple(int(f) for f in self.features))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable dict (lists instead of tuples)."""
+        out = asdict(self)
+        out["features"] = list(self.features)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackboneConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown backbone config keys {sorted(unknown)}; valid keys: {sorted(known)}.")
+        values = dict(data)
+        if "features" in values:
+            values["features"] = tuple(values["features"])
+        return cls(**values)
+
+
+class BackboneOutput(NamedTuple):
+    """What the backbone returns.
+
+    Attributes:
+        features: voxel feature map, shape (B, features[0], X, Y, Z).
+        embedding: pooled volume embedding, shape (B, features[-1] + features[0]).
+    """
+
+    features: torch.Tensor
+    embedding: torch.Tensor
+
+
+class AdaptableConv(nn.Module):
+    """A MONAI ``Convolution`` block whose kernel can be shifted by a per-call weight delta.
+
+    ``forward(x, delta)`` computes ``adn(conv(x; W + delta))``: a LoRA adapter supplies ``delta`` without
+    the stored weight ``W`` ever being modified.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, config: BackboneConfig) -> None:
+        super().__init__()
+        norm: tuple[str, dict[str, Any]]
+        if config.norm == "instance":
+            norm = ("instance", {"affine": True})
+        else:
+            norm = ("group", {"num_groups": config.groups})
+        self.block = Convolution(
+            spatial_dims=3,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            strides=stride,
+            kernel_size=3,
+            act=("leakyrelu", {"negative_slope": 0.01, "inplace": False}),
+            norm=norm,
+            dropout=config.dropout or None,
+        )
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        """Shape of the convolution kernel, (out, in, 3, 3, 3)."""
+        return self.block.conv.weight.shape
+
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the block.
+
+        Args:
+            x: input, shape (B, C_in, X, Y, Z).
+            delta: optional kernel delta, shape :attr:`weight_shape`.
+
+        Returns:
+            Output, shape (B, C_out, X', Y', Z').
+        """
+        conv = self.block.conv
+        if delta is None:
+            y = conv(x)
+        else:
+            y = F.conv3d(x, conv.weight + delta, conv.bias, conv.stride, conv.padding, conv.dilation)
+        return self.block.adn(y)
+
+
+class _Stage(nn.Module):
+    """Two adaptable convolutions; the first one may downsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, config: BackboneConfig) -> None:
+        super().__init__()
+        self.conv1 = AdaptableConv(in_channels, out_channels, stride, config)
+        self.conv2 = AdaptableConv(out_channels, out_channels, 1, config)
+
+    def forward(self, x: torch.Tensor, adapter: Adapter | None, prefix: str) -> torch.Tensor:
+        d1 = adapter.conv_delta(f"{prefix}_conv1") if adapter is not None else None
+        d2 = adapter.conv_delta(f"{prefix}_conv2") if adapter is not None else None
+        return self.conv2(self.conv1(x, d1), d2)
+
+
+class Backbone3D(nn.Module):
+    """U-shaped 3D encoder-decoder shared by all tasks.
+
+    Example:
+        >>> net = Backbone3D(BackboneConfig(features=(8, 16, 32)))
+        >>> out = net(torch.zeros(2, 1, 32, 32, 32))
+        >>> tuple(out.features.shape), tuple(out.embedding.shape)
+        ((2, 8, 32, 32, 32), (2, 40))
+    """
+
+    def __init__(self, config: BackboneConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or BackboneConfig()
+        feats = self.config.features
+        self.encoder = nn.ModuleList(
+            _Stage(self.config.in_channels if i == 0 else feats[i - 1], f, 1 if i == 0 else 2, self.config)
+            for i, f in enumerate(feats)
+        )
+        # Decoder level j upsamples from feats[j + 1] to feats[j] and fuses the skip of encoder level j.
+        self.upsample = nn.ModuleList(
+            UpSample(3, feats[j + 1], feats[j], scale_factor=2, mode="deconv") for j in range(len(feats) - 1)
+        )
+        self.decoder = nn.ModuleList(
+            _Stage(2 * feats[j], feats[j], 1, self.config) for j in range(len(feats) - 1)
+        )
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of :attr:`BackboneOutput.features`."""
+        return self.config.features[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of :attr:`BackboneOutput.embedding`."""
+        return self.config.features[-1] + self.config.features[0]
+
+    @property
+    def size_divisor(self) -> int:
+        """Every spatial input size must be a multiple of this."""
+        return 2 ** (len(self.config.features) - 1)
+
+    def conv_shapes(self) -> dict[str, torch.Size]:
+        """Kernel shape of every adaptable convolution, keyed by the name adapters use for it."""
+        shapes = {}
+        for kind, stages in (("enc", self.encoder), ("dec", self.decoder)):
+            for i, stage in enumerate(stages):
+                shapes[f"{kind}{i}_conv1"] = stage.conv1.weight_shape
+                shapes[f"{kind}{i}_conv2"] = stage.conv2.weight_shape
+        return shapes
+
+    def decoder_channels(self) -> tuple[int, ...]:
+        """Channels of each decoder level, in the order they are modulated (coarse to fine)."""
+        return tuple(reversed(self.config.features[:-1]))
+
+    def forward(self, x: torch.Tensor, adapter: Adapter | None = None) -> BackboneOutput:
+        """Compute voxel features and the pooled embedding.
+
+        Args:
+            x: images, shape (B, in_channels, X, Y, Z), each spatial size a multiple of :attr:`size_divisor`.
+            adapter: optional task adapter that shifts convolution kernels and modulates decoder levels.
+
+        Returns:
+            :class:`BackboneOutput` with ``features`` (B, features[0], X, Y, Z) and ``embedding``
+            (B, features[-1] + features[0]).
+
+        Raises:
+            ValueError: if ``x`` is not 5D, has the wrong channel count or a size not divisible as required.
+        """
+        if x.ndim != 5 or x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"x must have shape (B, {self.config.in_channels}, X, Y, Z), got {tuple(x.shape)}."
+            )
+        if any(s % self.size_divisor for s in x.shape[2:]):
+            raise ValueError(
+                f"spatial sizes {tuple(x.shape[2:])} must be multiples of {self.size_divisor} "
+                f"(2 ** (depth - 1) for features={self.config.features}); pad the input first."
+            )
+        skips = []
+        h = x
+        for i, stage in enumerate(self.encoder):
+            h = stage(h, adapter, f"enc{i}")
+            skips.append(h)
+        bottleneck = h
+        for level, j in enumerate(reversed(range(len(self.decoder)))):
+            h = self.upsample[j](h)
+            h = self.decoder[j](torch.cat([h, skips[j]], dim=1), adapter, f"dec{j}")
+            if adapter is not None:
+                h = adapter.modulate(level, h)
+        embedding = torch.cat([bottleneck.mean(dim=(2, 3, 4)), h.mean(dim=(2, 3, 4))], dim=1)
+        return BackboneOutput(features=h, embedding=embedding)
