@@ -105,6 +105,17 @@ class MetaModel(nn.Module):
         self.tasks[name] = task
         return task
 
+    def attach(self, task: TaskAdapter) -> TaskAdapter:
+        """Install an adapter built elsewhere (e.g. by adaptation), replacing one of the same name.
+
+        The swap is a single dictionary assignment, so a concurrent forward pass sees the old adapter or the
+        new one, never a mixture.
+        """
+        if not isinstance(task, TaskAdapter):
+            raise TypeError(f"task must be a TaskAdapter, got {type(task).__name__}.")
+        self.tasks[validate_name(task.info.name, "task name")] = task.to(self._device())
+        return task
+
     def task(self, name: str) -> TaskAdapter:
         """Return the adapter of task ``name``.
 

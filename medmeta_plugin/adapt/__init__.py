@@ -1,0 +1,18 @@
+"""Few-shot adaptation of one task's adapter and head from a handful of labelled cases."""
+
+from medmeta_plugin.adapt.adaptation import AdaptBudget, AdaptReport, adapt, stack_support
+from medmeta_plugin.adapt.head_init import (
+    classification_head_init,
+    regression_head_init,
+    segmentation_head_init,
+)
+
+__all__ = [
+    "AdaptBudget",
+    "AdaptReport",
+    "adapt",
+    "classification_head_init",
+    "regression_head_init",
+    "segmentation_head_init",
+    "stack_support",
+]

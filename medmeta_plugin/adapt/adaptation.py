@@ -1,0 +1,307 @@
+"""Few-shot adaptation: fit one task's adapter and head on k labelled support cases.
+
+``adapt(model, support, kind, mode, budget)`` builds a fresh adapter, initialises its head in closed form
+from the support features (:mod:`medmeta_plugin.adapt.head_init`), then takes gradient steps on the
+adapter and head only. The backbone is never modified: gradients are taken with ``torch.autograd.grad``
+with respect to the fast parameters alone, so not even the backbone's ``.grad`` fields are touched.
+
+- ``head`` mode computes the support features once and caches them: each step costs only the head.
+- With k >= 2 cases the number of steps is chosen by leave-one-out over the support set (fit on k-1,
+  score the held-out case, every ``eval_every`` steps, step 0 included); with k = 1 the budget is fixed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from monai.utils import look_up_option
+
+from medmeta_plugin.adapt.head_init import (
+    classification_head_init,
+    regression_head_init,
+    segmentation_head_init,
+)
+from medmeta_plugin.meta.objectives import task_loss, task_score
+from medmeta_plugin.networks.adapters import ADAPTER_MODES, FullAdapter
+from medmeta_plugin.networks.backbone import BackboneOutput
+from medmeta_plugin.networks.heads import TASK_KINDS
+from medmeta_plugin.networks.model import MetaModel, TaskAdapter, TaskInfo
+
+__all__ = ["HEAD_VOXELS", "AdaptBudget", "AdaptReport", "adapt", "stack_support"]
+
+# A segmentation head is a 1x1x1 convolution, a per-voxel linear model with C + 1 parameters: a uniform
+# sample of 32k voxels per case is thousands of samples per parameter and keeps the foreground fraction,
+# while a 64^3 crop has 262k. Head-mode steps fit on the sample; scores always use whole volumes.
+HEAD_VOXELS = 32768
+
+
+@dataclass(frozen=True)
+class AdaptBudget:
+    """How much work adaptation may do.
+
+    Attributes:
+        steps: gradient steps with k = 1, and the most that leave-one-out may choose with k >= 2.
+        lr: Adam learning rate of the fast parameters.
+        eval_every: leave-one-out evaluates the held-out case every this many steps.
+        head_init: initialise the head in closed form from the support features (else at random).
+        early_stopping: choose the step count by leave-one-out when k >= 2.
+    """
+
+    steps: int = 30
+    lr: float = 1e-2
+    eval_every: int = 5
+    head_init: bool = True
+    early_stopping: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}.")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}.")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}.")
+
+
+@dataclass
+class AdaptReport:
+    """What adaptation did.
+
+    Attributes:
+        task: task name; kind and mode as given.
+        shots: number of support cases k.
+        steps: gradient steps of the final fit.
+        seconds: wall time of the whole call, leave-one-out included.
+        final_support_loss: loss on all support cases after the final fit.
+        loo_score: mean held-out score at the chosen step count (k >= 2 with early stopping), else None.
+        loo_curve: ``[steps, mean held-out score]`` pairs that leave-one-out evaluated.
+        device: where it ran.
+    """
+
+    task: str
+    kind: str
+    mode: str
+    shots: int
+    steps: int
+    seconds: float
+    final_support_loss: float
+    loo_score: float | None = None
+    loo_curve: list[list[float]] = field(default_factory=list)
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return asdict(self)
+
+
+def stack_support(
+    support: Sequence[Mapping[str, Any]], kind: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack support cases into a batch.
+
+    Args:
+        support: cases with ``"image"`` (C, X, Y, Z) and ``"label"`` (1, X, Y, Z) for segmentation or
+            ``"target"`` (class index, value, or values) for classification and regression.
+        kind: task kind.
+        device: target device.
+
+    Returns:
+        ``images`` (k, C, X, Y, Z) float32 and ``targets``: masks (k, 1, X, Y, Z), class indices (k,)
+        or values (k, V).
+
+    Raises:
+        ValueError: if ``support`` is empty, a case lacks its key, or the image shapes differ.
+    """
+    if len(support) == 0:
+        raise ValueError("support is empty: adaptation needs at least one labelled case.")
+    key = "label" if kind == "segmentation" else "target"
+    images, targets = [], []
+    for i, case in enumerate(support):
+        if "image" not in case or key not in case:
+            raise ValueError(
+                f"support case {i} needs keys 'image' and {key!r} for {kind}; has {sorted(case)}."
+            )
+        image = torch.as_tensor(
+            np.asarray(case["image"]) if not torch.is_tensor(case["image"]) else case["image"]
+        )
+        if image.ndim != 4:
+            raise ValueError(f"support case {i}: image must be (C, X, Y, Z), got shape {tuple(image.shape)}.")
+        target = torch.as_tensor(case[key])
+        if kind == "segmentation" and target.shape[-3:] != image.shape[-3:]:
+            raise ValueError(
+                f"support case {i}: label shape {tuple(target.shape)} does not match image "
+                f"{tuple(image.shape)}."
+            )
+        images.append(image.float())
+        targets.append(target)
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"support images must share one shape (crop or pad them first), got {sorted(shapes)}."
+        )
+    stacked = torch.stack(images).to(device)
+    if kind == "segmentation":
+        return stacked, torch.stack([t.float().view(1, *t.shape[-3:]) for t in targets]).to(device)
+    if kind == "classification":
+        return stacked, torch.stack([t.long().view(()) for t in targets]).to(device)
+    return stacked, torch.stack([t.float().view(-1) for t in targets]).to(device)
+
+
+class _Fitter:
+    """Fits fresh task adapters on subsets of one support batch, sharing the cached base features."""
+
+    def __init__(
+        self,
+        model: MetaModel,
+        info: TaskInfo,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        budget: AdaptBudget,
+    ):
+        self.model, self.info, self.images, self.targets, self.budget = model, info, images, targets, budget
+        with torch.no_grad():
+            self.base = model.backbone(images)  # identity-adapter features: head init and head-mode cache
+        self.sample: tuple[BackboneOutput, torch.Tensor] | None = None
+        n_vox = images[0, 0].numel()
+        if info.mode == "head" and info.kind == "segmentation" and n_vox > HEAD_VOXELS:
+            pick = torch.randperm(n_vox, device=images.device)[:HEAD_VOXELS]
+            k, c = self.base.features.shape[:2]
+            feats = self.base.features.reshape(k, c, -1)[:, :, pick].view(k, c, -1, 1, 1)
+            masks = targets.reshape(k, 1, -1)[:, :, pick].view(k, 1, -1, 1, 1)
+            self.sample = (BackboneOutput(feats, self.base.embedding), masks)
+
+    def new_task(self, idx: list[int]) -> TaskAdapter:
+        task = TaskAdapter(self.info, self.model.backbone).to(self.images.device)
+        if self.budget.head_init:
+            with torch.no_grad():
+                f, e, t = self.base.features[idx], self.base.embedding[idx], self.targets[idx]
+                if self.info.kind == "segmentation":
+                    w, b = segmentation_head_init(f, t)
+                    task.head.conv.weight.copy_(w)
+                elif self.info.kind == "classification":
+                    w, b = classification_head_init(e, t, self.info.num_outputs)
+                    task.head.linear.weight.copy_(w)
+                else:
+                    w, b = regression_head_init(e, t)
+                    task.head.linear.weight.copy_(w)
+                (task.head.conv if self.info.kind == "segmentation" else task.head.linear).bias.copy_(b)
+        return task
+
+    def training_pair(self, task: TaskAdapter, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output and target that a fitting step uses (a voxel sample in head-mode segmentation)."""
+        if self.sample is not None:
+            out, masks = self.sample
+            return task.head(BackboneOutput(out.features[idx], out.embedding[idx])), masks[idx]
+        return self.forward(task, idx), self.targets[idx]
+
+    def forward(self, task: TaskAdapter, idx: list[int]) -> torch.Tensor:
+        """Output of ``task`` on the whole support cases ``idx``."""
+        if self.info.mode == "head":
+            return task.head(BackboneOutput(self.base.features[idx], self.base.embedding[idx]))
+        backbone = task.adapter.backbone if isinstance(task.adapter, FullAdapter) else self.model.backbone
+        return task.head(backbone(self.images[idx], adapter=task.adapter))
+
+    def fit(
+        self, task: TaskAdapter, idx: list[int], steps: int, held_out: list[int] | None = None
+    ) -> tuple[float, list[float]]:
+        """Take ``steps`` Adam steps on ``task``; score ``held_out`` every ``eval_every`` steps."""
+        params = [p for p in task.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=self.budget.lr)
+        scores: list[float] = []
+        loss = torch.zeros(())
+        for step in range(steps + 1):
+            if held_out is not None and step % self.budget.eval_every == 0:
+                with torch.no_grad():
+                    out = self.forward(task, held_out)
+                scores.append(task_score(self.info.kind, out, self.targets[held_out]))
+            if step == steps:
+                break
+            loss = task_loss(self.info.kind, *self.training_pair(task, idx))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = g
+            optimizer.step()
+        with torch.no_grad():
+            final = float(task_loss(self.info.kind, self.forward(task, idx), self.targets[idx]))
+        return final, scores
+
+
+def adapt(
+    model: MetaModel,
+    support: Sequence[Mapping[str, Any]],
+    kind: str,
+    mode: str = "head",
+    budget: AdaptBudget | None = None,
+    *,
+    name: str = "adapted",
+    num_outputs: int | None = None,
+    seed: int = 0,
+) -> tuple[TaskAdapter, AdaptReport]:
+    """Adapt a fresh task adapter to ``support`` without modifying ``model``.
+
+    Args:
+        model: the model whose backbone is adapted to; it is not changed (attach the result with
+            :meth:`MetaModel.attach`).
+        support: k labelled cases, see :func:`stack_support`; spatial sizes must be multiples of
+            ``model.backbone.size_divisor``.
+        kind: ``segmentation``, ``classification`` or ``regression``.
+        mode: adapter mode, one of ``head``, ``film``, ``lora``, ``full``.
+        budget: step budget and learning rate (default :class:`AdaptBudget`).
+        name: task name of the new adapter.
+        num_outputs: classes (classification, required) or values (regression, default from the targets).
+        seed: seeds the adapter's random initialisation; equal inputs and seed give equal adapters.
+
+    Returns:
+        The fitted :class:`TaskAdapter` and an :class:`AdaptReport`.
+
+    Raises:
+        ValueError: for an unknown kind or mode, invalid support cases, or missing ``num_outputs``.
+    """
+    start = time.perf_counter()
+    kind = look_up_option(kind, TASK_KINDS)
+    mode = look_up_option(mode, ADAPTER_MODES)
+    budget = budget or AdaptBudget()
+    device = next(model.backbone.parameters()).device
+    images, targets = stack_support(support, kind, device)
+    if kind == "classification":
+        if num_outputs is None:
+            raise ValueError("classification adaptation needs num_outputs (the number of classes).")
+        if int(targets.max()) >= num_outputs or int(targets.min()) < 0:
+            raise ValueError(f"class targets {targets.tolist()} out of range for num_outputs={num_outputs}.")
+    outputs = num_outputs if num_outputs is not None else (targets.shape[1] if kind == "regression" else 1)
+    info = TaskInfo(name, kind, mode, int(outputs))
+    k = images.shape[0]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        fitter = _Fitter(model, info, images, targets, budget)
+        steps, loo_score, curve = budget.steps, None, []
+        if k >= 2 and budget.early_stopping and budget.steps > 0:
+            fold_scores = []
+            for i in range(k):
+                train = [j for j in range(k) if j != i]
+                _, scores = fitter.fit(fitter.new_task(train), train, budget.steps, held_out=[i])
+                fold_scores.append(scores)
+            mean = np.mean(fold_scores, axis=0)
+            grid = [min(s * budget.eval_every, budget.steps) for s in range(len(mean))]
+            best = int(np.argmax(mean))  # first maximum: the fewest steps among equals
+            steps, loo_score = grid[best], float(mean[best])
+            curve = [[float(s), float(v)] for s, v in zip(grid, mean)]
+        task = fitter.new_task(list(range(k)))
+        final_loss, _ = fitter.fit(task, list(range(k)), steps)
+    report = AdaptReport(
+        task=name,
+        kind=kind,
+        mode=mode,
+        shots=k,
+        steps=steps,
+        seconds=time.perf_counter() - start,
+        final_support_loss=final_loss,
+        loo_score=loo_score,
+        loo_curve=curve,
+        device=str(device),
+    )
+    return task, report

@@ -1,0 +1,184 @@
+"""Properties of few-shot adaptation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medmeta_plugin.adapt import AdaptBudget, adapt, classification_head_init, segmentation_head_init
+from medmeta_plugin.adapt.head_init import PROTOTYPE_MARGIN
+from medmeta_plugin.meta import task_score
+from medmeta_plugin.networks import ADAPTER_MODES, MetaModel
+from tests.conftest import blob_cases
+
+FAST = AdaptBudget(steps=6, eval_every=3, lr=0.05)
+
+
+def _snapshot(model: MetaModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
+
+
+@pytest.mark.parametrize("mode", ADAPTER_MODES)
+def test_adaptation_never_touches_the_backbone(tiny_model: MetaModel, mode: str) -> None:
+    before = _snapshot(tiny_model)
+    task, report = adapt(tiny_model, blob_cases(2, seed=0), "segmentation", mode, FAST, name="blob")
+    for k, v in tiny_model.backbone.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=f"{k} changed")
+    assert all(p.grad is None for p in tiny_model.backbone.parameters())
+    assert "blob" not in tiny_model.tasks, "adapt must not attach the adapter itself"
+    assert report.mode == mode and report.shots == 2 and report.seconds > 0
+
+
+def test_support_loss_drops(tiny_model: MetaModel) -> None:
+    support = blob_cases(3, seed=1)
+    start, _ = adapt(tiny_model, support, "segmentation", "film", AdaptBudget(steps=0), name="b")
+    _, report = adapt(
+        tiny_model, support, "segmentation", "film", AdaptBudget(steps=15, early_stopping=False)
+    )
+    assert report.steps == 15
+    from medmeta_plugin.adapt import stack_support
+    from medmeta_plugin.meta import task_loss
+
+    images, masks = stack_support(support, "segmentation", torch.device("cpu"))
+    tiny_model.attach(start)
+    with torch.no_grad():
+        start_loss = float(task_loss("segmentation", tiny_model(images, "b"), masks))
+    assert report.final_support_loss < start_loss
+
+
+def test_prototype_head_separates_separable_features() -> None:
+    gen = torch.Generator().manual_seed(0)
+    mask = (torch.rand(2, 1, 8, 8, 8, generator=gen) > 0.7).float()
+    centre = torch.randn(6, generator=gen)
+    features = 0.1 * torch.randn(2, 6, 8, 8, 8, generator=gen) + (2 * mask - 1) * centre.view(1, 6, 1, 1, 1)
+    weight, bias = segmentation_head_init(features, mask)
+    logits = torch.nn.functional.conv3d(features, weight, bias)
+    assert task_score("segmentation", logits, mask) > 0.99
+    # The margin is placed as documented: +/- MARGIN / 2 at the two prototypes.
+    fg = (features * mask).sum((0, 2, 3, 4)) / mask.sum()
+    at_fg = torch.nn.functional.conv3d(fg.view(1, 6, 1, 1, 1), weight, bias)
+    assert float(at_fg) == pytest.approx(PROTOTYPE_MARGIN / 2, rel=1e-3)
+
+
+@pytest.mark.parametrize("present", [False, True])
+def test_prototype_head_without_one_class(present: bool) -> None:
+    mask = torch.full((1, 1, 4, 4, 4), float(present))
+    weight, bias = segmentation_head_init(torch.randn(1, 3, 4, 4, 4), mask)
+    assert torch.all(weight == 0) and (float(bias) > 0) == present
+
+
+def test_classification_prototypes_classify_their_own_support() -> None:
+    gen = torch.Generator().manual_seed(1)
+    centres = 3 * torch.randn(3, 10, generator=gen)
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    embedding = centres[labels] + 0.1 * torch.randn(5, 10, generator=gen)
+    weight, bias = classification_head_init(embedding, labels, num_classes=4)
+    assert torch.equal((embedding @ weight.T + bias).argmax(1), labels)
+    assert torch.all(weight[3] == 0) and bias[3] < bias[:3].min(), "an unseen class starts last"
+
+
+def test_leave_one_out_chooses_the_step_count(tiny_model: MetaModel) -> None:
+    _, one = adapt(tiny_model, blob_cases(1, seed=4), "segmentation", "head", FAST)
+    assert one.steps == FAST.steps and one.loo_score is None, "k = 1 uses the fixed budget"
+    _, many = adapt(tiny_model, blob_cases(3, seed=4), "segmentation", "head", FAST)
+    assert many.loo_score is not None and 0.0 <= many.loo_score <= 1.0
+    assert many.steps in {s for s, _ in many.loo_curve}
+    assert [s for s, _ in many.loo_curve] == [0, 3, 6]
+    assert many.loo_score == max(v for _, v in many.loo_curve)
+
+
+@pytest.mark.parametrize("mode", ["head", "lora"])
+def test_adaptation_is_seeded(tiny_model: MetaModel, mode: str) -> None:
+    support = blob_cases(2, seed=5)
+    a, _ = adapt(tiny_model, support, "segmentation", mode, FAST, seed=7)
+    b, _ = adapt(tiny_model, support, "segmentation", mode, FAST, seed=7)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize(
+    ("kind", "targets", "outputs"),
+    [
+        ("classification", [0, 1, 1], 2),
+        ("regression", [1.5, -0.5, 3.0], None),
+    ],
+)
+def test_volume_level_kinds(tiny_model: MetaModel, kind: str, targets: list, outputs: int | None) -> None:
+    cases = [{"image": c["image"], "target": torch.tensor(t)} for c, t in zip(blob_cases(3, seed=6), targets)]
+    task, report = adapt(tiny_model, cases, kind, "head", FAST, num_outputs=outputs)
+    tiny_model.attach(task)
+    out = tiny_model(torch.stack([c["image"] for c in cases]), "adapted")
+    assert out.shape == (3, outputs or 1)
+    assert report.kind == kind
+
+
+def test_regression_init_fits_the_support_mean_with_one_shot(tiny_model: MetaModel) -> None:
+    case = {"image": blob_cases(1, seed=7)[0]["image"], "target": torch.tensor(42.0)}
+    task, _ = adapt(tiny_model, [case], "regression", "head", AdaptBudget(steps=0))
+    tiny_model.attach(task)
+    assert float(tiny_model(case["image"][None], "adapted")) == pytest.approx(42.0, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("support", "kind", "kwargs", "match"),
+    [
+        ([], "segmentation", {}, "support is empty"),
+        ([{"image": torch.zeros(1, 16, 16, 16)}], "segmentation", {}, "needs keys"),
+        (
+            [{"image": torch.zeros(16, 16, 16), "label": torch.zeros(16, 16, 16)}],
+            "segmentation",
+            {},
+            r"\(C, X, Y, Z\)",
+        ),
+        (
+            [{"image": torch.zeros(1, 16, 16, 16), "label": torch.zeros(1, 8, 8, 8)}],
+            "segmentation",
+            {},
+            "does not match",
+        ),
+        (
+            [
+                {"image": torch.zeros(1, 16, 16, 16), "label": torch.zeros(1, 16, 16, 16)},
+                {"image": torch.zeros(1, 16, 16, 8), "label": torch.zeros(1, 16, 16, 8)},
+            ],
+            "segmentation",
+            {},
+            "share one shape",
+        ),
+        ([{"image": torch.zeros(1, 16, 16, 16), "target": 1}], "classification", {}, "num_outputs"),
+        (
+            [{"image": torch.zeros(1, 16, 16, 16), "target": 3}],
+            "classification",
+            {"num_outputs": 3},
+            "out of range",
+        ),
+        (
+            [{"image": torch.zeros(1, 16, 16, 16), "label": torch.zeros(1, 16, 16, 16)}],
+            "segmentaton",
+            {},
+            "segmentation",
+        ),
+        (
+            [{"image": torch.zeros(1, 16, 16, 16), "label": torch.zeros(1, 16, 16, 16)}],
+            "segmentation",
+            {"mode": "flim"},
+            "film",
+        ),
+    ],
+)
+def test_invalid_support(tiny_model: MetaModel, support, kind: str, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        adapt(tiny_model, support, kind, budget=FAST, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps": -1}, "steps"),
+        ({"lr": 0}, "lr"),
+        ({"eval_every": 0}, "eval_every"),
+    ],
+)
+def test_invalid_budget(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        AdaptBudget(**kwargs)
