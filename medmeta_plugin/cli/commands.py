@@ -1,0 +1,150 @@
+"""Sub-commands that inspect data and models: ``info``, ``check``, ``tasks``, ``synth``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+__all__ = ["PARSERS"]
+
+
+def _add_info(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("info", help="versions, compute device and (optionally) a backbone's summary")
+    p.add_argument("--backbone", type=Path, help="a backbone .safetensors/.json pair to describe")
+    p.set_defaults(func=_info)
+
+
+def _info(args: argparse.Namespace) -> int:
+    import monai
+    import torch
+
+    from medmeta_plugin import __version__
+
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or 'cpu'})"
+    )
+    out: dict[str, object] = {
+        "medmeta": __version__,
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if args.backbone is not None:
+        from medmeta_plugin.networks import backbone_hash, load_backbone
+
+        backbone = load_backbone(args.backbone)
+        out["backbone"] = {
+            "config": backbone.config.to_dict(),
+            "parameters": sum(p.numel() for p in backbone.parameters()),
+            "hash": backbone_hash(backbone),
+        }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _add_check(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "check",
+        help="read an image (NIfTI, NRRD or a DICOM series folder) and optionally its label; print geometry",
+    )
+    p.add_argument("image", type=Path)
+    p.add_argument("--label", type=Path, help="label map that must match the image's geometry")
+    p.set_defaults(func=_check)
+
+
+def _check(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from medmeta_plugin.io import read_image, read_label
+
+    image, meta = read_image(args.image)
+    out: dict[str, object] = {
+        "image": str(args.image),
+        "channels": int(image.shape[0]),
+        "shape": list(meta.shape),
+        "spacing_mm": [round(s, 4) for s in meta.spacing],
+        "origin_mm": [round(o, 3) for o in meta.origin],
+        "direction": [[round(v, 4) for v in row] for row in meta.direction],
+        "intensity_range": [float(image.min()), float(image.max())],
+    }
+    if args.label is not None:
+        label, _ = read_label(args.label, image_meta=meta)
+        values, counts = np.unique(label, return_counts=True)
+        out["label"] = {
+            "path": str(args.label),
+            "voxels_per_value": {int(v): int(c) for v, c in zip(values, counts)},
+        }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _add_tasks(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "tasks", help="list the tasks of labelled datasets (case folders or MONAI datalist JSON files)"
+    )
+    p.add_argument("datasets", nargs="+", type=Path, help="dataset folders or datalist .json files")
+    p.add_argument("--verify", action="store_true", help="read label maps and drop structures they lack")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_tasks)
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from medmeta_plugin.episodes import TaskRegistry
+
+    registry = TaskRegistry()
+    for path in args.datasets:
+        if path.suffix == ".json":
+            part = TaskRegistry.from_datalist(path, verify=args.verify)
+        else:
+            part = TaskRegistry.from_folder(path, verify=args.verify)
+        registry = registry.merge(part)
+    rows = [
+        {
+            "task": t.name,
+            "kind": t.kind,
+            "cases": len(t.cases),
+            "datasets": sorted({c.dataset for c in t.cases}),
+        }
+        for t in registry
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    width = max(len(r["task"]) for r in rows) if rows else 4
+    print(f"{'task':<{width}}  {'kind':<14}  cases  datasets")
+    for r in rows:
+        print(f"{r['task']:<{width}}  {r['kind']:<14}  {r['cases']:>5}  {', '.join(r['datasets'])}")
+    print(f"{len(rows)} tasks")
+    return 0
+
+
+def _add_synth(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("synth", help="write a seeded synthetic phantom dataset (NIfTI case folders)")
+    p.add_argument("out", type=Path, help="new, empty destination folder")
+    p.add_argument("--cases", type=int, default=20, help="number of cases (default 20)")
+    p.add_argument(
+        "--split",
+        choices=("meta-train", "held-out"),
+        default="meta-train",
+        help="phantom families to draw from (held-out families are the ones benchmarks evaluate)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=int, nargs=3, default=(48, 48, 48), metavar=("X", "Y", "Z"))
+    p.set_defaults(func=_synth)
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from medmeta_plugin.episodes import HELDOUT_FAMILIES, META_TRAIN_FAMILIES, write_synthetic_dataset
+
+    families = META_TRAIN_FAMILIES if args.split == "meta-train" else HELDOUT_FAMILIES
+    root = write_synthetic_dataset(args.out, families, args.cases, args.seed, tuple(args.shape))
+    print(f"wrote {args.cases} cases to {root}")
+    return 0
+
+
+PARSERS = (_add_info, _add_check, _add_tasks, _add_synth)
