@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export MONAI_LABEL_TRACKING_ENABLED ?= false
+SRC := $(wildcard medmeta_plugin apps tests)
 
 .PHONY: install test test-slow lint format demo clean
 
@@ -17,12 +18,12 @@ $(STAMP): setup.cfg pyproject.toml
 	@touch $(STAMP)
 
 lint: install
-	$(BIN)/ruff check medmeta_plugin apps tests
-	$(BIN)/ruff format --check medmeta_plugin apps tests
+	$(BIN)/ruff check $(SRC)
+	$(BIN)/ruff format --check $(SRC)
 
 format: install
-	$(BIN)/ruff check --fix medmeta_plugin apps tests
-	$(BIN)/ruff format medmeta_plugin apps tests
+	$(BIN)/ruff check --fix $(SRC)
+	$(BIN)/ruff format $(SRC)
 
 test: lint
 	$(BIN)/python -m pytest -q
