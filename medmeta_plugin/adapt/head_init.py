@@ -56,8 +56,7 @@ def classification_head_init(
     """Linear head equivalent to nearest-prototype classification of the embeddings.
 
     ``-||e - mu_c||^2 / tau`` expands to ``(2 mu_c . e - ||mu_c||^2) / tau`` plus a term equal for all
-    classes; ``tau`` is the mean squared distance to the prototypes, which keeps logits O(1) whatever the
-    embedding's scale. Classes absent from the support set get a zero weight and a bias below every seen
+    classes; ``tau`` is the support embeddings' mean squared norm. Classes absent from the support set get a zero weight and a bias below every seen
     class, so they are predicted only once fine-tuning has evidence for them.
 
     Args:
@@ -73,9 +72,9 @@ def classification_head_init(
     counts = onehot.sum(0)
     protos = (onehot.T @ embedding) / counts.clamp(min=1).unsqueeze(1)  # (N, E)
     seen = counts > 0
-    tau = (
-        (embedding - protos[labels]).square().sum(1).mean() + embedding.var(0, unbiased=False).sum()
-    ).clamp(min=1e-3)
+    # The embeddings' mean squared norm keeps logits O(1) whatever their scale, also for a query far from
+    # every prototype (a spread-based scale vanishes with one case per class, and logits then explode).
+    tau = embedding.square().sum(1).mean().clamp(min=1e-3)
     weight = torch.where(seen.unsqueeze(1), 2 * protos / tau, torch.zeros_like(protos))
     bias = -protos.square().sum(1) / tau
     floor = bias[seen].min() - 1.0

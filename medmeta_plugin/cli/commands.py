@@ -147,4 +147,82 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-PARSERS = (_add_info, _add_check, _add_tasks, _add_synth)
+def _add_meta_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "meta-train",
+        help="meta-train a backbone from a YAML config (works under torchrun for several processes)",
+    )
+    p.add_argument("--config", type=Path, required=True, help="YAML file, see medmeta_plugin/meta/config.py")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/meta-train"), help="output folder (default runs/meta-train)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--steps", type=int, help="override the config's number of outer steps")
+    p.set_defaults(func=_meta_train)
+
+
+def _meta_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from medmeta_plugin.meta.config import load_config
+    from medmeta_plugin.meta.trainer import meta_train
+
+    config = load_config(args.config)
+    if args.steps is not None:
+        config = replace(config, steps=args.steps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = meta_train(config, args.out, resume=args.resume)
+    print(
+        f"backbone: {result.backbone_path} ({result.steps} steps, {result.seconds:.0f} s, "
+        f"{result.episodes_per_second:.2f} episodes/s)"
+    )
+    return 0
+
+
+def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
+    from medmeta_plugin.benchmarks.fewshot import METHODS
+    from medmeta_plugin.benchmarks.suites import SUITES
+
+    p = subparsers.add_parser("benchmark", help="benchmarks that print figures")
+    inner = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    f = inner.add_parser("fewshot", help="few-shot adaptation: every method on the same held-out episodes")
+    f.add_argument("--suite", required=True, choices=sorted(SUITES))
+    f.add_argument("--shots", type=int, nargs="+", default=[1, 3, 5])
+    f.add_argument("--seeds", type=int, default=3)
+    f.add_argument("--methods", nargs="+", default=["all"], help=f"'all' or some of: {' '.join(METHODS)}")
+    f.add_argument("--meta-backbone", default="sample_apps/backbone/backbone.safetensors")
+    f.add_argument("--multitask-backbone", default="sample_apps/backbone/multitask.safetensors")
+    f.add_argument("--out", type=Path, default=Path("results.json"))
+    f.add_argument("--plot", type=Path, help="PNG of the metric against shots per method")
+    f.set_defaults(func=_benchmark_fewshot)
+
+
+def _benchmark_fewshot(args: argparse.Namespace) -> int:
+    from medmeta_plugin.benchmarks.fewshot import (
+        BenchmarkConfig,
+        parse_methods,
+        plot,
+        run_benchmark,
+        summarise,
+        write_results,
+    )
+
+    config = BenchmarkConfig(
+        suite=args.suite,
+        shots=tuple(args.shots),
+        seeds=args.seeds,
+        methods=parse_methods(args.methods),
+        meta_backbone=args.meta_backbone,
+        multitask_backbone=args.multitask_backbone,
+    )
+    results = run_benchmark(config)
+    write_results(results, args.out)
+    print(f"suite {results['suite']} on {results['device']}")
+    print(summarise(results))
+    if args.plot is not None:
+        print(f"plot: {plot(results, args.plot)}")
+    print(f"results: {args.out}")
+    return 0
+
+
+PARSERS = (_add_info, _add_check, _add_tasks, _add_synth, _add_meta_train, _add_benchmark)

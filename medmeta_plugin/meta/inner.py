@@ -69,9 +69,12 @@ def sgd_steps(
     Returns:
         The updated tensors, still connected to ``params``' graph.
     """
+    # Every given tensor is adapted; a constant one (e.g. the head of a support set without foreground,
+    # which has no graph to the features) becomes a fresh leaf so it can still take steps.
+    params = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()}
+    names = list(params)
     for _ in range(steps):
         loss = loss_fn(params)
-        names = [k for k, v in params.items() if v.requires_grad]
         # retain_graph: the support features' graph is shared with the query loss the outer loop
         # differentiates; freeing its buffers here would break that backward pass.
         tensors = [params[k] for k in names]

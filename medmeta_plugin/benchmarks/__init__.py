@@ -1,0 +1,1 @@
+"""Benchmarks: held-out splits and the few-shot benchmark."""

@@ -1,0 +1,52 @@
+"""What the benchmarks hold out. Meta-training never sees these, whatever its config says.
+
+The lists are fixed and documented so that figures stay comparable between runs and versions. Both sides of
+a left/right pair are held out together: training on one kidney and testing on the other would measure
+mirror-image recall, not transfer to an unseen structure.
+"""
+
+from __future__ import annotations
+
+from medmeta_plugin.episodes import HELDOUT_FAMILIES
+
+__all__ = [
+    "ABDOMEN_HELDOUT",
+    "BRAIN_HELDOUT",
+    "HELDOUT_STRUCTURES",
+    "SYNTHETIC_HELDOUT_TASKS",
+    "is_held_out",
+]
+
+# Structures labelled in both the real abdominal CT and MR cases (see sample_apps/data/README.md):
+# two solid organs, a hollow one, a retroperitoneal gland-like organ and a muscle pair.
+ABDOMEN_HELDOUT = (
+    "kidney_left",
+    "kidney_right",
+    "gallbladder",
+    "pancreas",
+    "iliopsoas_left",
+    "iliopsoas_right",
+)
+
+# Deep grey matter, limbic, brainstem and one cortical parcel pair of the brain template: small and large,
+# compact and thin structures.
+BRAIN_HELDOUT = (
+    "Left-Hippocampus",
+    "Right-Hippocampus",
+    "Left-Putamen",
+    "Right-Putamen",
+    "Left-Thalamus-Proper",
+    "Right-Thalamus-Proper",
+    "Brain-Stem",
+    "ctx-lh-insula",
+    "ctx-rh-insula",
+)
+
+SYNTHETIC_HELDOUT_TASKS = tuple(f"synth_{family}" for family in HELDOUT_FAMILIES)
+
+HELDOUT_STRUCTURES = frozenset(ABDOMEN_HELDOUT + BRAIN_HELDOUT + SYNTHETIC_HELDOUT_TASKS)
+
+
+def is_held_out(task_name: str) -> bool:
+    """True if a benchmark evaluates ``task_name``, so meta-training must not use it."""
+    return task_name in HELDOUT_STRUCTURES
