@@ -56,8 +56,9 @@ def classification_head_init(
     """Linear head equivalent to nearest-prototype classification of the embeddings.
 
     ``-||e - mu_c||^2 / tau`` expands to ``(2 mu_c . e - ||mu_c||^2) / tau`` plus a term equal for all
-    classes; ``tau`` is the support embeddings' mean squared norm. Classes absent from the support set get a zero weight and a bias below every seen
-    class, so they are predicted only once fine-tuning has evidence for them.
+    classes; ``tau`` is the support embeddings' mean squared norm. Classes absent from the support set
+    get a zero weight and a bias below every seen class, so they are predicted only once fine-tuning has
+    evidence for them.
 
     Args:
         embedding: embeddings, shape (B, E).
