@@ -195,6 +195,14 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--out", type=Path, default=Path("results.json"))
     f.add_argument("--plot", type=Path, help="PNG of the metric against shots per method")
     f.set_defaults(func=_benchmark_fewshot)
+    s = inner.add_parser("adapt-speed", help="seconds per adaptation for each adapter mode, side by side")
+    s.add_argument("--backbone", default="sample_apps/backbone/backbone.safetensors")
+    s.add_argument("--shots", type=int, default=5)
+    s.add_argument("--size", type=int, default=64, help="edge of the cubic support volumes (default 64)")
+    s.add_argument("--modes", nargs="+", default=["head", "film", "lora", "full"])
+    s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--device", choices=("cpu", "cuda"))
+    s.set_defaults(func=_benchmark_speed)
 
 
 def _benchmark_fewshot(args: argparse.Namespace) -> int:
@@ -222,6 +230,21 @@ def _benchmark_fewshot(args: argparse.Namespace) -> int:
     if args.plot is not None:
         print(f"plot: {plot(results, args.plot)}")
     print(f"results: {args.out}")
+    return 0
+
+
+def _benchmark_speed(args: argparse.Namespace) -> int:
+    from medmeta_plugin.benchmarks.speed import adapt_speed
+
+    result = adapt_speed(
+        args.backbone, args.shots, args.size, tuple(args.modes), args.repeats, device=args.device
+    )
+    print(f"adaptation of {result['shots']} shots at {result['size']}^3 on {result['device']}")
+    print("| mode | seconds | x head | steps | peak mem MB |")
+    print("|---|---|---|---|---|")
+    for r in result["rows"]:
+        ratio = f"{r['ratio_to_head']:.1f}" if r["ratio_to_head"] is not None else "-"
+        print(f"| {r['mode']} | {r['seconds']:.2f} | {ratio} | {r['steps']} | {r['peak_mem_mb']:.0f} |")
     return 0
 
 

@@ -1,0 +1,217 @@
+"""Benchmark suites: held-out few-shot problems built from phantoms and real scans.
+
+Every suite returns :class:`EvalTask` objects: a pool of labelled support cases (episodes draw their k
+shots from it by seed) and fixed query cases scored after adaptation. All images pass through the shared
+:func:`~medmeta_plugin.transforms.normalize_intensity`; labels are binarised to the task's structure.
+
+- ``synthetic-heldout``: one segmentation task per held-out phantom family (whole 32^3 volumes).
+- ``synthetic-classification``: "does this volume contain family F?" for three held-out families
+  (balanced, shots are per class).
+- ``synthetic-regression``: "volume of family F's structure, in mL" for three held-out families.
+- ``abdomen-ct-to-mr``: support from the real abdominal CT (1 shot: the scan itself; 3 and 5 shots add
+  deformed copies of it, there being one CT), query on the real abdominal MR of another patient.
+- ``brain-heldout``: support and query from differently deformed, intensity-augmented copies of the brain
+  template, for the held-out brain structures.
+
+Real suites read ``../shared/data/real`` (or ``$MEDMETA_REAL_DATA``); the structures they evaluate are the
+ones in :mod:`medmeta_plugin.benchmarks.splits`, which meta-training never sees.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medmeta_plugin.benchmarks.splits import ABDOMEN_HELDOUT, BRAIN_HELDOUT
+from medmeta_plugin.episodes import HELDOUT_FAMILIES, Case, load_case, make_case
+from medmeta_plugin.episodes.copies import deformed_copies
+from medmeta_plugin.episodes.synthetic import case_plans
+from medmeta_plugin.episodes.tasks import TaskRegistry
+from medmeta_plugin.transforms import normalize_intensity
+
+__all__ = ["SUITES", "EvalTask", "build_suite", "real_data_root"]
+
+Item = dict[str, Any]
+
+
+@dataclass
+class EvalTask:
+    """One held-out few-shot problem.
+
+    Attributes:
+        name: task name; kind: task kind; num_outputs: classes (classification) or 1.
+        support_pool: candidate support cases; items hold ``"image"`` (1, X, Y, Z) and ``"label"``
+            (1, X, Y, Z) or ``"target"``, plus ``"class"`` for per-class shot sampling in classification.
+        query: the cases scored after adaptation (whole volumes).
+        crop: for large real volumes, support cases are cropped to this size around the structure before
+            adaptation (queries are always whole, segmented by sliding window).
+    """
+
+    name: str
+    kind: str
+    num_outputs: int
+    support_pool: list[Item]
+    query: list[Item]
+    crop: tuple[int, int, int] | None = None
+
+    def draw_support(self, shots: int, seed: int) -> list[Item]:
+        """``shots`` support cases (per class for classification), chosen by ``seed``.
+
+        In cropped (real) suites index 0 is the original scan and always comes first, so 1 shot is the
+        real labelled scan and more shots add its deformed copies.
+        """
+        rng = np.random.default_rng(seed)
+        if self.kind == "classification":
+            chosen = []
+            for c in range(self.num_outputs):
+                members = [it for it in self.support_pool if it["class"] == c]
+                chosen += [members[i] for i in rng.choice(len(members), size=shots, replace=False)]
+            return chosen
+        if self.crop is not None:
+            rest = rng.choice(np.arange(1, len(self.support_pool)), size=shots - 1, replace=False)
+            return [self.support_pool[0]] + [self.support_pool[i] for i in rest]
+        return [self.support_pool[i] for i in rng.choice(len(self.support_pool), size=shots, replace=False)]
+
+
+def real_data_root() -> Path:
+    """Where the real cases are: ``$MEDMETA_REAL_DATA`` or ``../shared/data/real`` beside the checkout."""
+    env = os.environ.get("MEDMETA_REAL_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
+
+
+def _image(array: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(normalize_intensity(array.astype(np.float32)))
+
+
+def _synthetic_cases(
+    n_cases: int, seed: int, shape=(32, 32, 32)
+) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+    plans = case_plans(HELDOUT_FAMILIES, n_cases, seed, (2, 3))
+    out = []
+    for families, case_seed in plans:
+        case = make_case(families, case_seed, shape)
+        out.append(
+            (case.image, case.label, {name: value for value, name in case.label_names.items()}, case.spacing)
+        )
+    return out
+
+
+def _synthetic_heldout(seed: int) -> list[EvalTask]:
+    cases = _synthetic_cases(60, seed)
+    tasks = []
+    for family in HELDOUT_FAMILIES:
+        items = [
+            {"image": _image(img), "label": torch.as_tensor((lab == names[family]).astype(np.float32))}
+            for img, lab, names, _ in cases
+            if family in names
+        ]
+        tasks.append(EvalTask(f"synth_{family}", "segmentation", 1, items[:8], items[8:12]))
+    return tasks
+
+
+def _synthetic_volume(seed: int, kind: str) -> list[EvalTask]:
+    cases = _synthetic_cases(80, seed + 1)
+    tasks = []
+    for family in HELDOUT_FAMILIES[:3]:
+        if kind == "classification":
+            items = [{"image": _image(img), "target": int(family in names)} for img, _, names, _ in cases]
+            for it in items:
+                it["class"] = it["target"]
+            pos = [it for it in items if it["target"] == 1]
+            neg = [it for it in items if it["target"] == 0]
+            query = pos[6:12] + neg[6:12]
+            tasks.append(EvalTask(f"contains_{family}", kind, 2, pos[:6] + neg[:6], query))
+        else:
+            items = []
+            for img, lab, names, spacing in cases:
+                if family in names:
+                    ml = float((lab == names[family]).sum() * np.prod(spacing) / 1000.0)
+                    items.append({"image": _image(img), "target": ml})
+            tasks.append(EvalTask(f"volume_ml_{family}", kind, 1, items[:8], items[8:16]))
+    return tasks
+
+
+def _real_case(folder: str) -> Case:
+    root = real_data_root()
+    if not (root / folder).is_dir():
+        raise ValueError(
+            f"real data not found at {root / folder}; set MEDMETA_REAL_DATA to the data/real folder."
+        )
+    registry = TaskRegistry.from_folder(root, dataset="real")
+    return next(c for t in registry for c in t.cases if c.case_id == folder)
+
+
+def _items(case: Case, structure_value: int) -> Item:
+    image, label = load_case(case)
+    return {"image": _image(image), "label": torch.as_tensor((label == structure_value).astype(np.float32))}
+
+
+def _value(case: Case, name: str) -> int | None:
+    return next((v for v, n in case.structures.items() if n == name), None)
+
+
+def _abdomen(seed: int) -> list[EvalTask]:
+    ct, mr = _real_case("ct_abdomen_a"), _real_case("mr_abdomen_d")
+    copies = [ct, *deformed_copies([ct], 4, seed=seed)]
+    tasks = []
+    loaded = [load_case(c) for c in copies]
+    mr_image, mr_label = load_case(mr)
+    for name in ABDOMEN_HELDOUT:
+        v_ct, v_mr = _value(ct, name), _value(mr, name)
+        if v_ct is None or v_mr is None:
+            continue
+        pool = [
+            {"image": _image(i), "label": torch.as_tensor((lab == v_ct).astype(np.float32))}
+            for i, lab in loaded
+        ]
+        query = [{"image": _image(mr_image), "label": torch.as_tensor((mr_label == v_mr).astype(np.float32))}]
+        tasks.append(EvalTask(name, "segmentation", 1, pool, query, crop=(64, 64, 64)))
+    return tasks
+
+
+def _brain(seed: int) -> list[EvalTask]:
+    brain = _real_case("brain_mni152")
+    support = [load_case(c) for c in deformed_copies([brain], 5, seed=seed)]
+    query = [load_case(c) for c in deformed_copies([brain], 2, seed=seed + 10_000)]
+    tasks = []
+    for name in BRAIN_HELDOUT:
+        v = _value(brain, name)
+        if v is None:
+            continue
+
+        def items(pairs: list, v: int = v) -> list[Item]:
+            return [
+                {"image": _image(i), "label": torch.as_tensor((lab == v).astype(np.float32))}
+                for i, lab in pairs
+            ]
+
+        tasks.append(EvalTask(name, "segmentation", 1, items(support), items(query), crop=(48, 48, 48)))
+    return tasks
+
+
+SUITES: dict[str, Callable[[int], list[EvalTask]]] = {
+    "synthetic-heldout": _synthetic_heldout,
+    "synthetic-classification": lambda seed: _synthetic_volume(seed, "classification"),
+    "synthetic-regression": lambda seed: _synthetic_volume(seed, "regression"),
+    "abdomen-ct-to-mr": _abdomen,
+    "brain-heldout": _brain,
+}
+
+
+def build_suite(name: str, seed: int = 0) -> list[EvalTask]:
+    """Build a suite's tasks.
+
+    Raises:
+        ValueError: for an unknown suite (with the valid names) or missing real data.
+    """
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; valid suites: {sorted(SUITES)}.")
+    return SUITES[name](seed)
