@@ -150,6 +150,7 @@ def save_adapter(
     folder: str | Path,
     shots: int | None = None,
     extra: dict[str, Any] | None = None,
+    stem: str | None = None,
 ) -> Path:
     """Save one task's adapter and head as ``<folder>/<task>.safetensors`` + ``<folder>/<task>.json``.
 
@@ -159,6 +160,7 @@ def save_adapter(
         folder: destination folder (created if missing).
         shots: number of labelled cases the adapter was fitted on, for the record.
         extra: further JSON-serialisable metadata (e.g. an adaptation report).
+        stem: file name without suffix (default: the task name), e.g. a version number.
 
     Returns:
         The path of the ``.safetensors`` file.
@@ -178,7 +180,8 @@ def save_adapter(
         "created": _now(),
         **(extra or {}),
     }
-    weights_path = Path(folder) / f"{validate_name(task, 'task name')}.safetensors"
+    validate_name(task, "task name")
+    weights_path = Path(folder) / f"{validate_name(stem or task, 'file stem')}.safetensors"
     _write_pair(weights_path, _tensors(adapter), meta)
     return weights_path
 
