@@ -61,6 +61,7 @@ class BenchmarkConfig:
         head_steps: step budget of ``head`` mode (cheap: features are cached), with leave-one-out.
         steps: step budget of every other mode and of ``scratch`` (each step runs the backbone), fixed;
             leave-one-out would multiply their cost by k + 1.
+        tasks: evaluate only these tasks of the suite (default: all of them).
     """
 
     suite: str
@@ -71,6 +72,7 @@ class BenchmarkConfig:
     multitask_backbone: str = "sample_apps/backbone/multitask.safetensors"
     head_steps: int = 30
     steps: int = 10
+    tasks: tuple[str, ...] | None = None
 
 
 def _crop(item: dict[str, Any], size: tuple[int, int, int], seed: int) -> dict[str, Any]:
@@ -162,6 +164,12 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
         raise ValueError(f"unknown methods {unknown}; valid methods: {list(METHODS)}.")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tasks = build_suite(config.suite)
+    if config.tasks is not None:
+        known = {t.name for t in tasks}
+        missing = sorted(set(config.tasks) - known)
+        if missing:
+            raise ValueError(f"suite {config.suite!r} has no tasks {missing}; its tasks: {sorted(known)}.")
+        tasks = [t for t in tasks if t.name in config.tasks]
     backbones = _models(config, device)
     reference = next(iter(backbones.values()), None)
     scratch_config = reference.config if reference is not None else Backbone3D().config

@@ -4,7 +4,8 @@ Every suite returns :class:`EvalTask` objects: a pool of labelled support cases 
 shots from it by seed) and fixed query cases scored after adaptation. All images pass through the shared
 :func:`~medmeta_plugin.transforms.normalize_intensity`; labels are binarised to the task's structure.
 
-- ``synthetic-heldout``: one segmentation task per held-out phantom family (whole 32^3 volumes).
+- ``synthetic-heldout``: one segmentation task per held-out phantom family (whole 48^3 volumes, the
+  phantom size meta-training samples its patches from).
 - ``synthetic-classification``: "does this volume contain family F?" for three held-out families
   (balanced, shots are per class).
 - ``synthetic-regression``: "volume of family F's structure, in mL" for three held-out families.
@@ -92,7 +93,7 @@ def _image(array: np.ndarray) -> torch.Tensor:
 
 
 def _synthetic_cases(
-    n_cases: int, seed: int, shape=(32, 32, 32)
+    n_cases: int, seed: int, shape=(48, 48, 48)
 ) -> list[tuple[np.ndarray, np.ndarray, dict]]:
     plans = case_plans(HELDOUT_FAMILIES, n_cases, seed, (2, 3))
     out = []

@@ -192,6 +192,7 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--methods", nargs="+", default=["all"], help=f"'all' or some of: {' '.join(METHODS)}")
     f.add_argument("--meta-backbone", default="sample_apps/backbone/backbone.safetensors")
     f.add_argument("--multitask-backbone", default="sample_apps/backbone/multitask.safetensors")
+    f.add_argument("--tasks", nargs="+", help="only these tasks of the suite")
     f.add_argument("--out", type=Path, default=Path("results.json"))
     f.add_argument("--plot", type=Path, help="PNG of the metric against shots per method")
     f.set_defaults(func=_benchmark_fewshot)
@@ -222,6 +223,7 @@ def _benchmark_fewshot(args: argparse.Namespace) -> int:
         methods=parse_methods(args.methods),
         meta_backbone=args.meta_backbone,
         multitask_backbone=args.multitask_backbone,
+        tasks=tuple(args.tasks) if args.tasks else None,
     )
     results = run_benchmark(config)
     write_results(results, args.out)

@@ -12,6 +12,11 @@ from medmeta_plugin.benchmarks.splits import ABDOMEN_HELDOUT, BRAIN_HELDOUT, SYN
 from medmeta_plugin.benchmarks.suites import build_suite, real_data_root
 from medmeta_plugin.networks import Backbone3D, BackboneConfig, save_backbone
 
+TWO_TASKS = {
+    "synthetic-heldout": SYNTHETIC_HELDOUT_TASKS[:2],
+    "synthetic-classification": ("contains_crescent_bright", "contains_cone_dark"),
+    "synthetic-regression": ("volume_ml_crescent_bright", "volume_ml_cone_dark"),
+}
 RECORD_KEYS = {"method", "task", "kind", "shots", "seed", "metric", "value", "adapt_seconds", "peak_mem_mb"}
 
 
@@ -45,6 +50,7 @@ def test_benchmark_records_every_method_on_the_same_episodes(
         multitask_backbone=backbones[1],
         head_steps=2,
         steps=1,
+        tasks=tuple(TWO_TASKS[suite]),
     )
     results = run_benchmark(config, device="cpu")
     assert results["suite"] == suite and results["device"].startswith("cpu")
@@ -54,13 +60,17 @@ def test_benchmark_records_every_method_on_the_same_episodes(
     tasks = {r["task"] for r in records}
     for method in methods:
         assert {r["task"] for r in records if r["method"] == method} == tasks
+    assert tasks == set(TWO_TASKS[suite])
     if suite == "synthetic-heldout":
-        assert tasks == set(SYNTHETIC_HELDOUT_TASKS)
         assert all(0.0 <= r["value"] <= 1.0 for r in records)
     table = summarise(results)
     assert all(m in table for m in methods)
     png = plot(results, tmp_path / "curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_synthetic_suite_covers_every_held_out_family() -> None:
+    assert {t.name for t in build_suite("synthetic-heldout")} == set(SYNTHETIC_HELDOUT_TASKS)
 
 
 def test_support_draws_are_seeded_and_distinct() -> None:
@@ -79,6 +89,14 @@ def test_support_draws_are_seeded_and_distinct() -> None:
         (
             lambda: run_benchmark(BenchmarkConfig(suite="synthetic-heldout", methods=("nope",))),
             "unknown methods",
+        ),
+        (
+            lambda: run_benchmark(
+                BenchmarkConfig(
+                    suite="synthetic-heldout", methods=("scratch",), tasks=("synth_sphere_bright",)
+                )
+            ),
+            "no tasks",
         ),
     ],
 )
