@@ -126,3 +126,10 @@ def test_backbone_mismatch_can_be_overridden(model: MetaModel, tmp_path: Path) -
 def test_save_rejects_unsafe_names(model: MetaModel, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown task"):
         save_adapter(model, "../x", tmp_path)
+
+
+def test_saved_files_are_world_readable(model: MetaModel, tmp_path: Path) -> None:
+    model.add_task("t", "segmentation")
+    path = save_adapter(model, "t", tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert path.with_suffix(".json").stat().st_mode & 0o777 == 0o644
