@@ -93,8 +93,9 @@ def _image(array: np.ndarray) -> torch.Tensor:
 
 
 def _synthetic_cases(
-    n_cases: int, seed: int, shape=(48, 48, 48)
-) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+    n_cases: int, seed: int, shape: tuple[int, int, int] = (48, 48, 48)
+) -> list[tuple[np.ndarray, np.ndarray, dict[str, int], tuple[float, float, float]]]:
+    """Held-out-family phantoms as ``(image, label, {family: label value}, spacing)``."""
     plans = case_plans(HELDOUT_FAMILIES, n_cases, seed, (2, 3))
     out = []
     for families, case_seed in plans:
@@ -148,11 +149,6 @@ def _real_case(folder: str) -> Case:
         )
     registry = TaskRegistry.from_folder(root, dataset="real")
     return next(c for t in registry for c in t.cases if c.case_id == folder)
-
-
-def _items(case: Case, structure_value: int) -> Item:
-    image, label = load_case(case)
-    return {"image": _image(image), "label": torch.as_tensor((label == structure_value).astype(np.float32))}
 
 
 def _value(case: Case, name: str) -> int | None:
