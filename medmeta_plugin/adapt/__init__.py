@@ -3,6 +3,7 @@
 from medmeta_plugin.adapt.adaptation import AdaptBudget, AdaptReport, adapt, stack_support
 from medmeta_plugin.adapt.head_init import (
     classification_head_init,
+    init_head,
     regression_head_init,
     segmentation_head_init,
 )
@@ -12,6 +13,7 @@ __all__ = [
     "AdaptReport",
     "adapt",
     "classification_head_init",
+    "init_head",
     "regression_head_init",
     "segmentation_head_init",
     "stack_support",

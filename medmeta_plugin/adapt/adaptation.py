@@ -21,11 +21,7 @@ import numpy as np
 import torch
 from monai.utils import look_up_option
 
-from medmeta_plugin.adapt.head_init import (
-    classification_head_init,
-    regression_head_init,
-    segmentation_head_init,
-)
+from medmeta_plugin.adapt.head_init import init_head
 from medmeta_plugin.meta.objectives import task_loss, task_score
 from medmeta_plugin.networks.adapters import ADAPTER_MODES, FullAdapter
 from medmeta_plugin.networks.backbone import BackboneOutput
@@ -178,17 +174,11 @@ class _Fitter:
         task = TaskAdapter(self.info, self.model.backbone).to(self.images.device)
         if self.budget.head_init:
             with torch.no_grad():
-                f, e, t = self.base.features[idx], self.base.embedding[idx], self.targets[idx]
-                if self.info.kind == "segmentation":
-                    w, b = segmentation_head_init(f, t)
-                    task.head.conv.weight.copy_(w)
-                elif self.info.kind == "classification":
-                    w, b = classification_head_init(e, t, self.info.num_outputs)
-                    task.head.linear.weight.copy_(w)
-                else:
-                    w, b = regression_head_init(e, t)
-                    task.head.linear.weight.copy_(w)
-                (task.head.conv if self.info.kind == "segmentation" else task.head.linear).bias.copy_(b)
+                base = BackboneOutput(self.base.features[idx], self.base.embedding[idx])
+                head = init_head(self.info.kind, base, self.targets[idx], self.info.num_outputs)
+                layer = task.head.conv if self.info.kind == "segmentation" else task.head.linear
+                layer.weight.copy_(head["weight"])
+                layer.bias.copy_(head["bias"])
         return task
 
     def training_pair(self, task: TaskAdapter, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PROTOTYPE_MARGIN", "classification_head_init", "regression_head_init", "segmentation_head_init"]
+from medmeta_plugin.networks.backbone import BackboneOutput
+
+__all__ = [
+    "PROTOTYPE_MARGIN",
+    "classification_head_init",
+    "init_head",
+    "regression_head_init",
+    "segmentation_head_init",
+]
 
 # Logit at the foreground prototype is +MARGIN/2 and at the background prototype -MARGIN/2: sigmoid(+-4)
 # = 0.98 / 0.02, confident but with gradients still alive for the fine-tuning steps that follow.
@@ -106,3 +114,23 @@ def regression_head_init(
     weight = (e.T @ alpha).T  # (V, E)
     bias = (y_mean - e_mean @ weight.T).view(-1)
     return weight, bias
+
+
+def init_head(
+    kind: str, base: BackboneOutput, targets: torch.Tensor, num_outputs: int
+) -> dict[str, torch.Tensor]:
+    """Closed-form head parameters ``{"weight", "bias"}`` for a task kind (differentiable in ``base``).
+
+    Args:
+        kind: ``segmentation``, ``classification`` or ``regression``.
+        base: backbone output of the support batch (features (k, C, X, Y, Z), embedding (k, E)).
+        targets: masks (k, 1, X, Y, Z), class indices (k,) or values (k, V).
+        num_outputs: classes (classification); unused otherwise.
+    """
+    if kind == "segmentation":
+        w, b = segmentation_head_init(base.features, targets)
+    elif kind == "classification":
+        w, b = classification_head_init(base.embedding, targets, num_outputs)
+    else:
+        w, b = regression_head_init(base.embedding, targets)
+    return {"weight": w, "bias": b}

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from monai.utils import look_up_option
 
-from medmeta_plugin.meta.inner import EpisodeNet, apply_head, init_head, sgd_steps
+from medmeta_plugin.adapt.head_init import init_head
+from medmeta_plugin.meta.inner import EpisodeNet, apply_head, sgd_steps
 from medmeta_plugin.meta.objectives import task_loss, task_score
 from medmeta_plugin.networks.backbone import BackboneOutput
 from medmeta_plugin.networks.model import MetaModel, TaskInfo

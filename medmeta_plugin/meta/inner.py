@@ -15,36 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from medmeta_plugin.adapt.head_init import (
-    classification_head_init,
-    regression_head_init,
-    segmentation_head_init,
-)
 from medmeta_plugin.meta.objectives import task_loss
 from medmeta_plugin.networks.backbone import Backbone3D, BackboneOutput
 from medmeta_plugin.networks.model import TaskAdapter, TaskInfo
 
-__all__ = ["EpisodeNet", "apply_head", "init_head", "sgd_steps"]
+__all__ = ["EpisodeNet", "apply_head", "sgd_steps"]
 
 Params = dict[str, torch.Tensor]
-
-
-def init_head(kind: str, base: BackboneOutput, targets: torch.Tensor, num_outputs: int) -> Params:
-    """Closed-form head parameters ``{"weight", "bias"}`` from support features (differentiable).
-
-    Args:
-        kind: task kind.
-        base: backbone output of the support batch (features (k, C, X, Y, Z), embedding (k, E)).
-        targets: masks (k, 1, X, Y, Z), class indices (k,) or values (k, V).
-        num_outputs: classes or values.
-    """
-    if kind == "segmentation":
-        w, b = segmentation_head_init(base.features, targets)
-    elif kind == "classification":
-        w, b = classification_head_init(base.embedding, targets, num_outputs)
-    else:
-        w, b = regression_head_init(base.embedding, targets)
-    return {"weight": w, "bias": b}
 
 
 def apply_head(kind: str, head: Mapping[str, torch.Tensor], base: BackboneOutput) -> torch.Tensor:
