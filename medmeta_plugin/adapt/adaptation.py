@@ -157,10 +157,13 @@ class _Fitter:
         images: torch.Tensor,
         targets: torch.Tensor,
         budget: AdaptBudget,
+        base: BackboneOutput | None = None,
     ):
         self.model, self.info, self.images, self.targets, self.budget = model, info, images, targets, budget
-        with torch.no_grad():
-            self.base = model.backbone(images)  # identity-adapter features: head init and head-mode cache
+        if base is None:
+            with torch.no_grad():
+                base = model.backbone(images)  # identity-adapter features: head init and head-mode cache
+        self.base = base
         self.sample: tuple[BackboneOutput, torch.Tensor] | None = None
         n_vox = images[0, 0].numel()
         if info.mode == "head" and info.kind == "segmentation" and n_vox > HEAD_VOXELS:
@@ -230,6 +233,7 @@ def adapt(
     name: str = "adapted",
     num_outputs: int | None = None,
     seed: int = 0,
+    base: BackboneOutput | None = None,
 ) -> tuple[TaskAdapter, AdaptReport]:
     """Adapt a fresh task adapter to ``support`` without modifying ``model``.
 
@@ -244,6 +248,8 @@ def adapt(
         name: task name of the new adapter.
         num_outputs: classes (classification, required) or values (regression, default from the targets).
         seed: seeds the adapter's random initialisation; equal inputs and seed give equal adapters.
+        base: the backbone's output for the stacked support images (features (k, C, X, Y, Z), embedding
+            (k, E)) when the caller has it cached (e.g. from inference on the same scans); computed if None.
 
     Returns:
         The fitted :class:`TaskAdapter` and an :class:`AdaptReport`.
@@ -267,7 +273,14 @@ def adapt(
     k = images.shape[0]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        fitter = _Fitter(model, info, images, targets, budget)
+        if base is not None and (
+            base.features.shape[0] != k or tuple(base.features.shape[2:]) != tuple(images.shape[2:])
+        ):
+            raise ValueError(
+                f"base features of shape {tuple(base.features.shape)} do not match the support images "
+                f"{tuple(images.shape)}."
+            )
+        fitter = _Fitter(model, info, images, targets, budget, base)
         steps, loo_score, curve = budget.steps, None, []
         if k >= 2 and budget.early_stopping and budget.steps > 0:
             fold_scores = []

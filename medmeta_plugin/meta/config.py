@@ -83,6 +83,7 @@ class MetaTrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     amp: bool = True
+    init_backbone: str = ""
     base_dir: str = "."
 
     def __post_init__(self) -> None:

@@ -27,7 +27,7 @@ from medmeta_plugin.episodes import Episode, stack_items
 from medmeta_plugin.meta.algorithms import TaskBatch, episode_gradients
 from medmeta_plugin.meta.config import MetaTrainConfig
 from medmeta_plugin.meta.data import build_sampler
-from medmeta_plugin.networks import MetaModel, save_backbone
+from medmeta_plugin.networks import MetaModel, load_backbone, save_backbone
 
 __all__ = ["TrainResult", "episode_to_batch", "meta_train"]
 
@@ -112,6 +112,16 @@ def meta_train(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     model = MetaModel(config=config.backbone).to(device)
+    if config.init_backbone:
+        # Fine-tuning: start from a trained backbone (e.g. the shipped one) instead of random weights.
+        init = Path(config.init_backbone)
+        init = init if init.is_absolute() else Path(config.base_dir) / init
+        source = load_backbone(init)
+        if source.config != model.backbone.config:
+            raise ValueError(
+                f"init_backbone {init}: its config {source.config} differs from backbone {config.backbone}."
+            )
+        model.backbone.load_state_dict(source.state_dict())
     start = 0
     checkpoint = out_dir / CHECKPOINT
     state = None

@@ -1,0 +1,132 @@
+"""The medmeta MONAI Label app: meta-learned infer and train tasks, label-driven adaptation, active learning.
+
+Start it with ``medmeta serve --studies DIR`` or
+``python -m monailabel.main start_server --app apps/medmeta --studies DIR [--conf key value ...]``;
+the keys are those of :class:`medmeta_plugin.app.config.AppConfig` (all optional).
+
+This file only wires MONAI Label's hooks to :mod:`medmeta_plugin.app`; the class must subclass
+``MONAILabelApp`` directly, because that is how MONAI Label finds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.random import Random
+
+import medmeta_plugin
+from medmeta_plugin.app.config import parse_conf
+from medmeta_plugin.app.datastore import MedMetaDatastore
+from medmeta_plugin.app.infer_task import SegmentationInfer, VolumeInfer
+from medmeta_plugin.app.runtime import MedMetaRuntime
+from medmeta_plugin.app.strategy import DiversityStrategy, UncertaintyScoring, UncertaintyStrategy
+from medmeta_plugin.app.train_task import AdaptTrain, MetaTrain
+
+logger = logging.getLogger(__name__)
+
+_REPO = Path(medmeta_plugin.__file__).resolve().parents[1]
+# MONAI Label's train process reads PYTHONPATH unconditionally (a KeyError leaves a task SUBMITTED for
+# ever) and needs this package importable; tracking through MLflow 3 fails on its default file store.
+os.environ.setdefault("PYTHONPATH", str(_REPO))
+os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
+
+
+class MedMetaApp(MONAILabelApp):
+    """One meta-learned backbone; one adapter per structure, adapted from the labels users submit."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.config = parse_conf(conf)
+        self.model_dir = Path(app_dir) / "model"
+        self.runtime: MedMetaRuntime | None = None
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="medmeta",
+            description="Few-shot segmentation, classification and regression on a meta-learned 3D backbone",
+            version=medmeta_plugin.__version__,
+        )
+        # Scores are refreshed in-process by the adaptation worker; MONAI Label's own auto-scoring would start
+        # a process that rebuilds the whole app after every request.
+        self._auto_update_scoring = False
+
+    # ----- MONAI Label's init hooks (called by MONAILabelApp.__init__, in this order) -----------------------
+    def init_datastore(self) -> Any:
+        if self.studies.startswith(("http://", "https://")):
+            datastore = super().init_datastore()
+        else:
+            datastore = MedMetaDatastore(
+                self.studies,
+                fallback_labels=self.config.label_map,
+                extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            )
+        self.runtime = MedMetaRuntime(self.config, self.model_dir, datastore)
+        return datastore
+
+    def init_infers(self) -> dict[str, InferTask]:
+        return {"medmeta": SegmentationInfer(self.runtime), "medmeta_volume": VolumeInfer(self.runtime)}
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        recipe = _REPO / "sample_apps" / "backbone" / "meta_train.yaml"
+        return {
+            "medmeta_adapt": AdaptTrain(self.runtime),
+            "medmeta_metatrain": MetaTrain(self.runtime, recipe),
+        }
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {
+            "medmeta_uncertainty": UncertaintyStrategy(self.runtime),
+            "medmeta_diversity": DiversityStrategy(self.runtime),
+            "random": Random(),
+        }
+
+    def init_scoring_methods(self) -> dict[str, ScoringMethod]:
+        return {"medmeta_uncertainty": UncertaintyScoring(self.runtime)}
+
+    # ----- server hooks ------------------------------------------------------------------------------------
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        scheduled = self.runtime.start()
+        if scheduled:
+            logger.info("medmeta: adapting %s from labels already in the datastore", scheduled)
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
+        super().on_save_label(image_id, label_id)
+        tags = getattr(self.datastore(), "last_tags", {})
+        scheduled = self.runtime.on_label_saved(image_id, tags.get(image_id, "final"))
+        return {"medmeta": {"adapting": scheduled}}
+
+    def info(self) -> dict[str, Any]:
+        meta = super().info()
+        meta["medmeta"] = self.runtime.status()
+        return meta
+
+    # ----- client errors are 4xx with a message, not MONAI Label's 500 -------------------------------------
+    def infer(self, request: dict[str, Any], datastore: Any = None) -> dict[str, Any]:
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(404, f"unknown model {model!r}; models: {sorted(self._infers)}.")
+        image = request.get("image")
+        store = datastore or self.datastore()
+        if isinstance(image, str) and not os.path.exists(image) and not store.get_image_uri(image):
+            raise HTTPException(404, f"image {image!r} is not in the datastore.")
+        return super().infer(request, datastore)
+
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            valid = sorted(self._strategies)
+            raise HTTPException(404, f"unknown strategy {strategy!r}; strategies: {valid}.")
+        return super().next_sample(request)

@@ -1,0 +1,8 @@
+"""The MONAI Label glue: the app's config, datastore, model runtime, adaptation worker, infer tasks, train
+tasks and active-learning strategies. The app class itself is ``apps/medmeta/main.py``.
+
+Modules, in the order a request meets them: ``config`` (``--conf`` parsing), ``datastore`` (studies folder,
+label validation), ``labels`` (what a submitted label means), ``grid`` (the working grid), ``engine``
+(backbone, adapters, feature cache), ``worker`` (background adaptation), ``runtime`` (ties them together),
+``infer_task``, ``train_task``, ``strategy``.
+"""

@@ -1,0 +1,194 @@
+"""The app's datastore: MONAI Label's local datastore, plus DICOM series folders and label validation.
+
+- A studies folder may hold NIfTI and NRRD files and DICOM series, one folder per series (the folder name is
+  the image id).
+- ``save_label`` checks a label *before* it is stored: the image exists, ``params`` parse, the label lies on
+  the image's grid, every value is a named structure. A refused label leaves every stored file as it was.
+  OHIF's ``label.bin`` (raw voxels in the image's order) is turned into a NIfTI label on the image's grid.
+- The parsed submission is stored with the label's info under ``"medmeta"``, so adaptation reads the
+  structure names from the datastore and not from the file again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+
+from medmeta_plugin.app.engine import Example
+from medmeta_plugin.app.labels import Submission, VolumeTarget, parse_label_params, validate_label_file
+from medmeta_plugin.io import read_image
+
+__all__ = ["MedMetaDatastore", "TaskExamples", "collect_examples", "stored_submission"]
+
+logger = logging.getLogger(__name__)
+
+
+def _is_dicom_folder(path: Path) -> bool:
+    """A folder holding at least one DICOM file (``.dcm`` or the ``DICM`` magic at byte 128)."""
+    if not path.is_dir() or path.name.startswith(".") or path.name == "labels":
+        return False
+    for child in path.iterdir():
+        if child.suffix.lower() == ".dcm":
+            return True
+        if child.is_file():
+            try:
+                with open(child, "rb") as f:
+                    f.seek(128)
+                    if f.read(4) == b"DICM":
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+class MedMetaDatastore(LocalDatastore):
+    """MONAI Label's :class:`LocalDatastore` with DICOM series folders and validated labels.
+
+    Args:
+        datastore_path: the studies folder.
+        fallback_labels: ``{name: value}`` for labels submitted without ``label_info``.
+        **kwargs: passed to :class:`LocalDatastore` (``extensions``, ``auto_reload``, ``read_only``).
+    """
+
+    def __init__(self, datastore_path: str, fallback_labels: Mapping[str, int] | None = None, **kwargs: Any):
+        self._fallback = dict(fallback_labels or {})
+        self.last_tags: dict[str, str] = {}
+        super().__init__(datastore_path, **kwargs)
+
+    def _list_files(self, path: str, patterns: Any) -> dict[str, str]:
+        files = super()._list_files(path, patterns)
+        if os.path.realpath(path) == os.path.realpath(self._datastore.image_path()):
+            for entry in os.listdir(path):
+                if entry not in files and _is_dicom_folder(Path(path) / entry):
+                    files[entry] = entry
+        return files
+
+    def _to_id(self, file: str) -> tuple[str, str]:
+        # A series folder's name is the id whole: UIDs are full of dots that are not file extensions.
+        if (Path(self._datastore.image_path()) / file).is_dir():
+            return file, ""
+        return super()._to_id(file)
+
+    def save_label(
+        self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]
+    ) -> str:
+        """Validate, then store, a label; a refused one raises ``HTTPException`` (404, 400), stores none."""
+        obj = self._datastore.objects.get(image_id)
+        if obj is None:
+            raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore.")
+        image_uri = self.get_image_uri(image_id)
+        converted = None
+        try:
+            if str(label_filename).endswith(".bin"):
+                converted = self._bin_to_nifti(image_uri, label_filename)
+                label_filename = converted
+            submission = parse_label_params(label_info, self._fallback)
+            _, image_meta = read_image(image_uri)
+            _, submission = validate_label_file(label_filename, image_meta, submission)
+            info = {**(label_info or {}), "medmeta": submission.to_json()}
+            label_id = super().save_label(image_id, label_filename, label_tag, info)
+            self.last_tags[image_id] = label_tag
+            return label_id
+        except ValueError as err:
+            raise HTTPException(400, f"label for image {image_id!r} refused: {err}") from err
+        finally:
+            if converted is not None:
+                shutil.rmtree(Path(converted).parent, ignore_errors=True)
+
+    @staticmethod
+    def _bin_to_nifti(image_uri: str, label_filename: str) -> str:
+        """OHIF's raw label bytes -> a NIfTI label on the image's grid (MONAI Label's converter's layout)."""
+        import numpy as np
+
+        from medmeta_plugin.io import write_image
+
+        _, meta = read_image(image_uri)
+        raw = np.fromfile(label_filename, dtype=np.uint8)
+        if raw.size != int(np.prod(meta.shape)):
+            raise ValueError(
+                f"label.bin holds {raw.size} bytes, the image has {int(np.prod(meta.shape))} voxels "
+                f"{tuple(meta.shape)}; one uint8 per voxel is expected."
+            )
+        # OHIF writes the volume slice by slice, x fastest: Fortran order of the (X, Y, Z) array.
+        label = raw.reshape(meta.shape, order="F")[None]
+        folder = tempfile.mkdtemp(prefix="medmeta-bin-")
+        return str(write_image(Path(folder) / "label.nii.gz", label, meta))
+
+
+def stored_submission(
+    datastore: Datastore, image_id: str, fallback: Mapping[str, int], tag: str = DefaultLabelTag.FINAL.value
+) -> Submission | None:
+    """The parsed submission stored with an image's label, for any MONAI Label datastore.
+
+    Labels saved through this app carry it under ``"medmeta"`` in their info; a label placed in the studies
+    folder by hand gets its names from ``label_info`` if present, else from ``fallback``. None if the image
+    has no label of ``tag`` or the stored names do not parse.
+    """
+    if tag not in (datastore.get_labels_by_image_id(image_id) or {}):
+        return None
+    info = datastore.get_label_info(image_id, tag) or {}
+    stored = info.get("medmeta")
+    if isinstance(stored, Mapping):
+        targets = tuple(
+            VolumeTarget(t, spec["kind"], spec["value"], spec.get("num_classes"))
+            for t, spec in stored.get("targets", {}).items()
+        )
+        return Submission(dict(stored.get("structures", {})), targets)
+    try:
+        return parse_label_params({k: v for k, v in info.items() if k == "label_info"}, fallback)
+    except ValueError as err:
+        logger.warning("label of %s: %s", image_id, err)
+        return None
+
+
+class TaskExamples:
+    """The labelled examples of one task in the datastore.
+
+    Attributes:
+        kind: task kind; num_outputs: classes (classification) or None; examples: oldest first.
+    """
+
+    def __init__(self, kind: str, num_outputs: int | None = None) -> None:
+        self.kind, self.num_outputs = kind, num_outputs
+        self.examples: list[Example] = []
+
+
+def collect_examples(
+    datastore: Datastore, fallback: Mapping[str, int] | None = None, tag: str = DefaultLabelTag.FINAL.value
+) -> dict[str, TaskExamples]:
+    """Every task's labelled examples among the datastore's labels of ``tag``, oldest label first.
+
+    Args:
+        datastore: any MONAI Label datastore.
+        fallback: label names for labels stored without any (see :func:`stored_submission`).
+        tag: label tag.
+
+    Returns:
+        ``{task: TaskExamples}``; a structure named in a label with no voxel of it is a negative example.
+    """
+    labelled = []
+    for image_id in datastore.get_labeled_images(tag):
+        submission = stored_submission(datastore, image_id, fallback or {}, tag)
+        if submission is None:
+            continue
+        ts = datastore.get_label_info(image_id, tag).get("ts", time.time())
+        labelled.append((ts, image_id, submission))
+    out: dict[str, TaskExamples] = {}
+    for _, image_id, submission in sorted(labelled, key=lambda item: (item[0], item[1])):
+        image, label = datastore.get_image_uri(image_id), datastore.get_label_uri(image_id, tag)
+        for name, value in submission.structures.items():
+            out.setdefault(name, TaskExamples("segmentation")).examples.append(Example(image, label, value))
+        for target in submission.targets:
+            entry = out.setdefault(target.task, TaskExamples(target.kind, target.num_classes))
+            entry.examples.append(Example(image, target=target.value))
+    return out

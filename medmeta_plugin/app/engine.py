@@ -1,0 +1,403 @@
+"""The app's model runtime: one shared backbone, many adapters, inference and adaptation on the working grid.
+
+:class:`Engine` is what the MONAI Label glue (infer tasks, train tasks, strategies, the adaptation worker)
+calls. It holds the meta-learned backbone B, the adapters A of every adapted task (restored from the adapter
+store at start), and a small cache of backbone features per scan, so that
+
+- inference runs the backbone once per scan and each ``head``-mode structure costs one 1x1x1 convolution
+  (100 structures cost 100 heads, not 100 networks);
+- adaptation of a structure on a scan the user has just looked at reuses that scan's cached features.
+
+Adapters are saved as a new store version first and swapped in second (one dictionary assignment), so an
+inference running meanwhile sees the old adapter or the new one, and a failed adaptation changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from medmeta_plugin.adapt import AdaptBudget, AdaptReport, adapt
+from medmeta_plugin.adapt.store import AdapterStore
+from medmeta_plugin.app.config import AppConfig
+from medmeta_plugin.app.grid import WorkingVolume, label_to_working, load_working, to_original_grid
+from medmeta_plugin.names import validate_name
+from medmeta_plugin.networks import (
+    BackboneOutput,
+    FullAdapter,
+    MetaModel,
+    TaskAdapter,
+    backbone_hash,
+    load_backbone,
+)
+
+__all__ = ["Engine", "Example", "Segmentation"]
+
+logger = logging.getLogger(__name__)
+
+# Scans whose features stay cached: the one being labelled, the one being inferred, and a couple more. At
+# 128^3 and 16 channels one entry is about 130 MB.
+_CACHE_ENTRIES = 4
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled scan of a task, as adaptation consumes it.
+
+    Attributes:
+        image: image file or DICOM series folder.
+        label: label map file (segmentation), else None.
+        value: the structure's value in ``label`` (segmentation); a label naming the structure with no voxel
+            of it is an explicit "absent here" example, a negative.
+        target: class index (classification) or value (regression), else None.
+    """
+
+    image: str
+    label: str | None = None
+    value: int | None = None
+    target: float | None = None
+
+
+@dataclass
+class Segmentation:
+    """Result of :meth:`Engine.segment`.
+
+    Attributes:
+        labels: label map on the scan's own grid, shape (1, X, Y, Z), uint8 (uint16 beyond 255 structures).
+        names: ``{structure: value}`` of the structures segmented.
+        meta: the scan's geometry (to write ``labels`` with).
+        seconds: wall time per stage.
+    """
+
+    labels: np.ndarray
+    names: dict[str, int]
+    meta: Any
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Engine:
+    """Backbone, adapters and feature cache of the running app.
+
+    Args:
+        config: the app configuration.
+        model_dir: the app's model folder; adapters live in ``<model_dir>/adapters/<backbone hash>/`` (so a
+            new backbone starts with a clean set), and a backbone meta-trained on the datastore, when there
+            is one, in ``<model_dir>/backbone.safetensors`` (it then takes the place of ``config.backbone``).
+    """
+
+    def __init__(self, config: AppConfig, model_dir: str | Path) -> None:
+        self.config = config
+        self.model_dir = Path(model_dir)
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        self.device = _resolve_device(config.device)
+        self._lock = threading.RLock()
+        self._cache: OrderedDict[tuple, tuple[WorkingVolume, BackboneOutput]] = OrderedDict()
+        self._loaded: dict[str, int] = {}
+        self._backbone_stamp: tuple[str, int] | None = None
+        self.load_backbone()
+
+    # ----- backbone and store -----------------------------------------------------------------------------
+    @property
+    def backbone_path(self) -> Path:
+        """The backbone in use: the one trained on the datastore (in the model folder), else the config's."""
+        local = self.model_dir / "backbone.safetensors"
+        return local if local.is_file() else Path(self.config.backbone)
+
+    def load_backbone(self) -> dict[str, int]:
+        """(Re)load the backbone and restore the newest complete adapter of every task fitted on it."""
+        path = self.backbone_path
+        backbone = load_backbone(path).to(self.device).eval()
+        model = MetaModel(backbone)
+        store = AdapterStore(self.model_dir / "adapters" / backbone_hash(backbone)[:16])
+        restored = store.restore(model)
+        with self._lock:
+            self.model, self.store, self._loaded = model, store, dict(restored)
+            self._cache.clear()
+            self._backbone_stamp = (str(path), path.stat().st_mtime_ns)
+        logger.info("medmeta backbone %s, adapters restored: %s", path, restored or "none")
+        return restored
+
+    @property
+    def divisor(self) -> int:
+        return self.model.backbone.size_divisor
+
+    def refresh(self) -> str | None:
+        """Pick up what another process wrote: a train task's adapter versions or backbone.
+
+        Returns:
+            ``"backbone"`` if the backbone was reloaded (every adapter must then be adapted again),
+            ``"adapters"`` if newer adapter versions were loaded, else None. A backbone file that does not
+            load (e.g. caught between its two files being replaced) is retried at the next call.
+        """
+        path = self.backbone_path
+        if (str(path), path.stat().st_mtime_ns) != self._backbone_stamp:
+            try:
+                self.load_backbone()
+            except ValueError as err:
+                logger.warning("new backbone %s not loaded yet: %s", path, err)
+                return None
+            return "backbone"
+        changed = None
+        for task in self.store.tasks():
+            versions = self.store.versions(task)
+            if versions and versions[-1] > self._loaded.get(task, 0):
+                with self._lock:
+                    loaded = self.store.load_latest(self.model, task)
+                    if loaded is not None and loaded[1] != self._loaded.get(task):
+                        self._loaded[task] = loaded[1]
+                        changed = "adapters"
+        return changed
+
+    def tasks(self, kind: str | None = None) -> dict[str, TaskAdapter]:
+        """A snapshot of the adapted tasks (of one kind), by name; later swaps do not affect it."""
+        snapshot = dict(self.model.tasks.items())
+        return {k: v for k, v in sorted(snapshot.items()) if kind is None or v.info.kind == kind}
+
+    def versions(self) -> dict[str, int]:
+        """Store version of each adapter being served."""
+        return dict(self._loaded)
+
+    def label_values(self, names: Sequence[str]) -> dict[str, int]:
+        """Output value of each structure: the configured ``labels`` value, else the next free value by name.
+
+        Values follow the configured label names first so that a structure keeps its value across requests;
+        the other structures are numbered after them in alphabetical order.
+        """
+        configured = self.config.label_map
+        values = {n: configured[n] for n in names if n in configured}
+        next_value = max(configured.values(), default=0) + 1
+        for name in sorted(n for n in names if n not in configured):
+            values[name] = next_value
+            next_value += 1
+        return dict(sorted(values.items(), key=lambda item: item[1]))
+
+    # ----- features ----------------------------------------------------------------------------------------
+    def working(self, image: str | Path) -> tuple[WorkingVolume, BackboneOutput]:
+        """The scan on the working grid and its backbone output (identity adapter), cached per file version.
+
+        Raises:
+            ValueError: if the scan cannot be read or is too large.
+        """
+        path = os.path.realpath(image)
+        try:
+            stat = os.stat(path)
+        except OSError as err:
+            raise ValueError(f"image {image}: cannot be read ({err.strerror}).") from err
+        key = (path, stat.st_mtime_ns, stat.st_size, id(self.model.backbone))
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        volume = load_working(path, self.config.spacing, self.divisor, self.config.max_voxels)
+        with torch.no_grad():
+            base = self._backbone(volume.image.to(self.device), None)
+        with self._lock:
+            self._cache[key] = (volume, base)
+            while len(self._cache) > _CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        return volume, base
+
+    def _backbone(self, image: torch.Tensor, task: TaskAdapter | None) -> BackboneOutput:
+        """Backbone output for one padded scan (1, C, X, Y, Z), whole or by sliding window."""
+        adapter = task.adapter if task is not None else None
+        backbone = adapter.backbone if isinstance(adapter, FullAdapter) else self.model.backbone
+        if image[0, 0].numel() <= self.config.whole_volume_voxels:
+            return backbone(image, adapter=adapter)
+        features = sliding_window_inference(
+            image,
+            self.config.roi,
+            1,
+            lambda x: backbone(x, adapter=adapter).features,
+            overlap=0.25,
+            mode="gaussian",
+        )
+        # The embedding is a global pool: take it from the scan shrunk to the whole-volume budget.
+        factor = (self.config.whole_volume_voxels / image[0, 0].numel()) ** (1 / 3)
+        size = [max(self.divisor, int(s * factor) // self.divisor * self.divisor) for s in image.shape[2:]]
+        small = torch.nn.functional.interpolate(image, size=size, mode="trilinear", align_corners=False)
+        return BackboneOutput(features=features, embedding=backbone(small, adapter=adapter).embedding)
+
+    def _task_output(self, task: TaskAdapter, volume: WorkingVolume, base: BackboneOutput) -> torch.Tensor:
+        if task.info.mode == "head":
+            return task.head(base)
+        return task.head(self._backbone(volume.image.to(self.device), task))
+
+    # ----- inference ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def probabilities(
+        self, image: str | Path, tasks: Sequence[str] | None = None
+    ) -> tuple[WorkingVolume, dict[str, torch.Tensor]]:
+        """Foreground probability of each adapted structure on the unpadded working grid, (X, Y, Z) each."""
+        start = time.perf_counter()
+        volume, base = self.working(image)
+        chosen = self._select(self.tasks("segmentation"), tasks)
+        probs = {
+            name: volume.crop(torch.sigmoid(self._task_output(task, volume, base))[0, 0]).float().cpu()
+            for name, task in chosen.items()
+        }
+        logger.debug("probabilities for %d structures in %.2f s", len(probs), time.perf_counter() - start)
+        return volume, probs
+
+    @staticmethod
+    def _select(available: dict[str, TaskAdapter], wanted: Sequence[str] | None) -> dict[str, TaskAdapter]:
+        if wanted is None:
+            return available
+        unknown = sorted(set(wanted) - set(available))
+        if unknown:
+            raise ValueError(f"no adapted task {unknown}; adapted tasks: {sorted(available) or 'none yet'}.")
+        return {n: available[n] for n in wanted}
+
+    def segment(self, image: str | Path, tasks: Sequence[str] | None = None) -> Segmentation:
+        """One label map with every adapted structure (or those in ``tasks``) on the scan's own grid.
+
+        A voxel gets the structure of highest probability among those above ``config.threshold``.
+
+        Raises:
+            ValueError: for an unreadable or too large scan, or a name in ``tasks`` that has no adapter.
+        """
+        start = time.perf_counter()
+        volume, probs = self.probabilities(image, tasks)
+        mid = time.perf_counter()
+        # Values are numbered over every adapted structure: a structure's value does not depend on ``tasks``.
+        every = self.label_values(list(self.tasks("segmentation")))
+        values = {name: every[name] for name in probs}
+        dtype = np.uint8 if max(values.values(), default=0) <= 255 else np.uint16
+        best = torch.full(volume.shape, self.config.threshold)
+        labels = torch.zeros(volume.shape, dtype=torch.int32)
+        for name, p in probs.items():
+            better = p > best
+            best = torch.where(better, p, best)
+            labels[better] = values[name]
+        out = to_original_grid(labels.numpy().astype(dtype), volume)
+        seconds = {"model": mid - start, "resample": time.perf_counter() - mid}
+        return Segmentation(labels=out, names=values, meta=volume.original, seconds=seconds)
+
+    @torch.no_grad()
+    def predict(self, image: str | Path, tasks: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Volume-level predictions of the adapted classification and regression tasks.
+
+        Returns:
+            ``{task: {"kind": "classification", "class": c, "probabilities": [...]}}`` or
+            ``{task: {"kind": "regression", "value": v}}`` (``"values"`` for several outputs).
+        """
+        volume, base = self.working(image)
+        available = {**self.tasks("classification"), **self.tasks("regression")}
+        out: dict[str, dict[str, Any]] = {}
+        for name, task in self._select(available, tasks).items():
+            result = self._task_output(task, volume, base)[0].float().cpu()
+            if task.info.kind == "classification":
+                p = torch.softmax(result, 0)
+                out[name] = {"kind": "classification", "class": int(p.argmax()), "probabilities": p.tolist()}
+            elif result.numel() == 1:
+                out[name] = {"kind": "regression", "value": float(result[0])}
+            else:
+                out[name] = {"kind": "regression", "values": result.tolist()}
+        return out
+
+    def uncertainty(self, image: str | Path) -> float | None:
+        """Mask entropy of the adapted structures on a scan: mean over structures of the summed binary entropy
+        (nats) divided by the predicted volume plus one voxel; None with no segmentation adapter.
+
+        Dividing by the predicted size ranks a scan by how unsure the boundary is relative to the structure,
+        so large organs do not outrank small ones by size alone.
+        """
+        _, probs = self.probabilities(image)
+        if not probs:
+            return None
+        scores = []
+        for p in probs.values():
+            q = p.clamp(1e-6, 1 - 1e-6)
+            entropy = -(q * q.log() + (1 - q) * (1 - q).log())
+            scores.append(float(entropy.sum() / ((p > 0.5).sum() + 1)))
+        return float(np.mean(scores))
+
+    def embedding(self, image: str | Path) -> np.ndarray:
+        """The backbone's volume embedding of a scan, shape (E,)."""
+        _, base = self.working(image)
+        return base.embedding[0].float().cpu().numpy()
+
+    # ----- adaptation --------------------------------------------------------------------------------------
+    def _support(self, kind: str, examples: Sequence[Example]) -> tuple[list[dict[str, Any]], Any]:
+        """Support cases on one padded working shape, and their cached features when shapes already agree."""
+        volumes, items = [], []
+        for ex in examples:
+            volume, base = self.working(ex.image)
+            volumes.append((volume, base))
+            if kind == "segmentation":
+                if ex.label is None or ex.value is None:
+                    raise ValueError(f"segmentation example of {ex.image} has no label file or value.")
+                mask = label_to_working(ex.label, volume, self.divisor) == ex.value
+                label = torch.as_tensor(mask[None].astype(np.float32))
+                items.append({"image": volume.image[0], "label": label})
+            else:
+                if ex.target is None:
+                    raise ValueError(f"{kind} example of {ex.image} has no target.")
+                items.append({"image": volume.image[0], "target": ex.target})
+        shapes = {tuple(it["image"].shape[1:]) for it in items}
+        if len(shapes) == 1:
+            base = BackboneOutput(
+                torch.cat([b.features for _, b in volumes]), torch.cat([b.embedding for _, b in volumes])
+            )
+            return items, base
+        target = tuple(max(s[i] for s in shapes) for i in range(3))
+        for it in items:
+            pad = [p for s, t in zip(reversed(it["image"].shape[1:]), reversed(target)) for p in (0, t - s)]
+            it["image"] = torch.nn.functional.pad(it["image"][None], pad, mode="replicate")[0]
+            if "label" in it:
+                it["label"] = torch.nn.functional.pad(it["label"], pad)
+        return items, None
+
+    def adapt_task(
+        self, name: str, kind: str, examples: Sequence[Example], num_outputs: int | None = None
+    ) -> tuple[AdaptReport, int]:
+        """Adapt a task's adapter from its labelled examples, save it as a new version, then serve it.
+
+        Args:
+            name: task (structure) name.
+            kind: ``segmentation``, ``classification`` or ``regression``.
+            examples: the task's labelled scans; the most recent ``config.max_shots`` are used.
+            num_outputs: number of classes (classification).
+
+        Returns:
+            The adaptation report and the new store version.
+
+        Raises:
+            ValueError: for an invalid name or examples; the adapter being served is left as it was.
+        """
+        validate_name(name, "task name")
+        if not examples:
+            raise ValueError(f"task {name!r} has no labelled example to adapt from.")
+        examples = list(examples)[-self.config.max_shots :]
+        support, base = self._support(kind, examples)
+        budget = AdaptBudget(steps=self.config.adapt_steps)
+        model = self.model
+        adapter, report = adapt(
+            model, support, kind, self.config.mode, budget, name=name, num_outputs=num_outputs, base=base
+        )
+        staging = MetaModel(model.backbone)
+        staging.attach(adapter)
+        extra = {"report": report.to_dict(), "images": [os.path.basename(ex.image) for ex in examples]}
+        with self._lock:
+            if model is not self.model:
+                raise ValueError(f"the backbone changed while {name!r} was adapting; adapt it again.")
+            version = self.store.save(staging, name, shots=len(examples), extra=extra)
+            self.model.attach(adapter)
+            self._loaded[name] = version
+        return report, version
