@@ -97,6 +97,8 @@ def _parse_label_info(info: Any) -> dict[str, int]:
         raise ValueError(f"label_info must be a list of {{'name', 'idx'}} objects, got {kind}.")
     structures: dict[str, int] = {}
     for name, value in pairs:
+        if not isinstance(name, str):
+            raise ValueError(f"label_info: structure names must be strings, got {name!r}.")
         validate_name(name, "structure name")
         if name in structures:
             raise ValueError(f"label_info names {name!r} twice.")
@@ -114,6 +116,8 @@ def _parse_targets(targets: Any) -> tuple[VolumeTarget, ...]:
         raise ValueError(f"targets must be an object {{task: target}}, got {type(targets).__name__}.")
     out = []
     for task, spec in targets.items():
+        if not isinstance(task, str):
+            raise ValueError(f"targets: task names must be strings, got {task!r}.")
         validate_name(task, "task name")
         if not isinstance(spec, Mapping):
             spec = {"kind": "regression", "value": spec}

@@ -1,0 +1,105 @@
+"""The engine: adaptation from label files, inference on any grid, atomic versions, restore, refresh."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medmeta_plugin.app.config import parse_conf
+from medmeta_plugin.app.engine import Engine, Example
+from medmeta_plugin.io import read_image
+from medmeta_plugin.networks import TaskAdapter, TaskInfo
+from tests.app.conftest import app_conf
+
+
+@pytest.fixture
+def engine(tmp_path: Path, tiny_backbone: Path) -> Engine:
+    return Engine(parse_conf(app_conf(tiny_backbone)), tmp_path / "model")
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
+def test_one_shot_adaptation_segments_another_scan_on_its_own_grid(tmp_path: Path, studies: dict) -> None:
+    # The shipped meta-trained backbone (the default): one labelled scan is enough for the ball.
+    engine = Engine(parse_conf({"spacing": "2", "adapt_steps": "10"}), tmp_path / "model")
+    image_a = str(studies["studies"] / "a.nii.gz")
+    report, version = engine.adapt_task("ball", "segmentation", [Example(image_a, str(studies["a"]), 1)])
+    assert version == 1 and report.shots == 1
+    result = engine.segment(studies["studies"] / "c.nii.gz")  # the flipped scan, another spacing
+    truth, meta = read_image(studies["c"])
+    assert result.meta.shape == meta.shape and result.labels.shape == truth.shape
+    np.testing.assert_allclose(result.meta.affine, meta.affine)
+    assert result.names == {"ball": 1}
+    assert _dice(result.labels[0] == 1, truth[0] == 1) > 0.8
+
+
+def test_every_adaptation_is_a_new_version_and_restored_after_restart(
+    engine: Engine, studies: dict, tiny_backbone: Path
+) -> None:
+    image_a = str(studies["studies"] / "a.nii.gz")
+    image_b = str(studies["studies"] / "b.nii.gz")
+    engine.adapt_task("box", "segmentation", [Example(image_a, str(studies["a"]), 2)])
+    _, version = engine.adapt_task(
+        "box",
+        "segmentation",
+        [Example(image_a, str(studies["a"]), 2), Example(image_b, str(studies["b"]), 2)],
+    )
+    assert version == 2 and engine.store.versions("box") == [1, 2]
+    before = engine.segment(image_b).labels
+    restarted = Engine(engine.config, engine.model_dir)
+    assert restarted.versions() == {"box": 2}
+    np.testing.assert_array_equal(restarted.segment(image_b).labels, before)
+
+
+def test_failed_adaptation_keeps_the_served_adapter(engine: Engine, studies: dict) -> None:
+    image_a = str(studies["studies"] / "a.nii.gz")
+    engine.adapt_task("ball", "segmentation", [Example(image_a, str(studies["a"]), 1)])
+    served = engine.tasks()["ball"]
+    # The flipped scan's label does not lie on scan a's grid.
+    with pytest.raises(ValueError, match="geometry"):
+        engine.adapt_task("ball", "segmentation", [Example(image_a, str(studies["c"]), 1)])
+    assert engine.tasks()["ball"] is served
+    assert engine.versions() == {"ball": 1} and engine.store.versions("ball") == [1]
+
+
+def test_refresh_picks_up_versions_written_by_another_process(engine: Engine, studies: dict) -> None:
+    image_a = str(studies["studies"] / "a.nii.gz")
+    other = Engine(engine.config, engine.model_dir)  # e.g. MONAI Label's train process
+    other.adapt_task("ball", "segmentation", [Example(image_a, str(studies["a"]), 1)])
+    assert "ball" not in engine.tasks()
+    assert engine.refresh() == "adapters"
+    assert engine.versions() == {"ball": 1}
+    assert engine.refresh() is None
+
+
+def test_memory_grows_by_the_adapters_only(engine: Engine, studies: dict) -> None:
+    image_a = str(studies["studies"] / "a.nii.gz")
+    backbone = sum(p.numel() for p in engine.model.backbone.parameters())
+    engine.adapt_task("s000", "segmentation", [Example(image_a, str(studies["a"]), 1)])
+    for i in range(1, 100):  # further adapters as adaptation builds them (fitting each would only cost time)
+        engine.model.attach(TaskAdapter(TaskInfo(f"s{i:03d}", "segmentation", "head"), engine.model.backbone))
+    assert len(engine.tasks()) == 100
+    per_adapter = engine.model.backbone.feature_channels + 1  # a head-mode adapter is one 1x1x1 convolution
+    assert sum(p.numel() for p in engine.model.parameters()) == backbone + 100 * per_adapter
+    # One backbone pass serves all 100 structures.
+    assert len(engine.segment(image_a).names) == 100
+
+
+def test_client_errors_are_value_errors(engine: Engine, studies: dict, tmp_path: Path) -> None:
+    image_a = str(studies["studies"] / "a.nii.gz")
+    with pytest.raises(ValueError, match="no adapted task"):
+        engine.segment(image_a, ["nope"])
+    with pytest.raises(ValueError, match="cannot be read"):
+        engine.segment(tmp_path / "missing.nii.gz")
+    small = Engine(dataclasses.replace(engine.config, max_voxels=1000), tmp_path / "small")
+    with pytest.raises(ValueError, match="max_voxels"):
+        small.segment(image_a)
+    with pytest.raises(ValueError, match="no labelled example"):
+        engine.adapt_task("x", "segmentation", [])
+    with pytest.raises(ValueError, match="invalid task name"):
+        engine.adapt_task("../x", "segmentation", [Example(image_a, str(studies["a"]), 1)])
