@@ -33,3 +33,7 @@ test-slow: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The demo: a MONAI Label server on the sample scans with the shipped backbone (see README, Quick start).
+demo: install
+	$(BIN)/medmeta demo

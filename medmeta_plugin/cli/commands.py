@@ -7,6 +7,8 @@ import json
 import platform
 from pathlib import Path
 
+from medmeta_plugin.cli import serve
+
 __all__ = ["PARSERS"]
 
 
@@ -250,4 +252,4 @@ def _benchmark_speed(args: argparse.Namespace) -> int:
     return 0
 
 
-PARSERS = (_add_info, _add_check, _add_tasks, _add_synth, _add_meta_train, _add_benchmark)
+PARSERS = (_add_info, _add_check, _add_tasks, _add_synth, _add_meta_train, _add_benchmark, *serve.PARSERS)

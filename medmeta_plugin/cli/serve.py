@@ -1,0 +1,104 @@
+"""``medmeta serve`` and ``medmeta demo``: start MONAI Label with the medmeta app.
+
+Both run ``python -m monailabel.main start_server`` (not the ``monailabel`` shell wrapper, which splits
+quoted arguments) with the environment MONAI Label 0.8.5 needs: ``PYTHONPATH`` for its train process,
+tracking off, sessions kept in the app's model folder instead of ``~/.cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["PARSERS", "server_command"]
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_APP = REPO / "apps" / "medmeta"
+
+
+def server_command(
+    studies: str, app: Path = DEFAULT_APP, host: str = "127.0.0.1", port: int = 8000, conf: list | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that start the server.
+
+    Args:
+        studies: a studies folder, or a DICOMweb URL (``http://host/dicom-web``).
+        app: the app folder.
+        host, port: where to listen.
+        conf: ``[[key, value], ...]`` passed as ``--conf key value``.
+
+    Raises:
+        ValueError: if the app or the studies folder does not exist.
+    """
+    if not (Path(app) / "main.py").is_file():
+        raise ValueError(f"no MONAI Label app at {app} (main.py missing).")
+    if not studies.startswith(("http://", "https://")) and not Path(studies).is_dir():
+        raise ValueError(f"studies folder {studies} does not exist.")
+    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app)]
+    command += ["--studies", str(studies), "--host", host, "--port", str(port)]
+    for key, value in conf or []:
+        command += ["--conf", key, value]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
+    env.setdefault("MONAI_LABEL_SESSION_PATH", str(Path(app) / "model" / "sessions"))
+    return command, env
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--app", type=Path, default=DEFAULT_APP, help="the app folder (default apps/medmeta)")
+    p.add_argument(
+        "--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help="app setting, repeatable"
+    )
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="start the MONAI Label server with the medmeta app")
+    p.add_argument("--studies", required=True, help="studies folder or DICOMweb URL")
+    _add_arguments(p)
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    command, env = server_command(args.studies, args.app, args.host, args.port, args.conf)
+    os.execvpe(command[0], command, env)
+    return 0  # not reached
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="serve the sample scans with the shipped backbone (make demo)")
+    p.add_argument("--root", type=Path, default=REPO / ".demo", help="where the demo studies live")
+    _add_arguments(p)
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from medmeta_plugin.app.demo import DEMO_STRUCTURES, prepare_demo
+
+    studies = prepare_demo(args.root)
+    url = f"http://{args.host}:{args.port}"
+    print(
+        f"""
+medmeta demo: MONAI Label server on {url} with the shipped meta-trained backbone
+studies: {studies}
+  ct_abdomen_a  abdominal CT; {", ".join(DEMO_STRUCTURES)} already labelled (adapted at start-up)
+  mr_abdomen_d  abdominal MR of another patient: run medmeta on it
+  mr_brain_1    brain MRI: label something new on it
+
+In 3D Slicer: Modules > Active Learning > MONAI Label; server {url}; Next Sample (or pick mr_abdomen_d);
+Auto Segmentation: model "medmeta", Run. To teach it a new structure: draw it in Segment Editor on one
+scan, Submit Label; a few seconds later "medmeta" segments it on the next scan.
+OHIF: {url}/ohif/ (needs a DICOMweb studies source).  Stop with Ctrl+C.
+""",
+        flush=True,
+    )
+    command, env = server_command(str(studies), args.app, args.host, args.port, args.conf)
+    os.execvpe(command[0], command, env)
+    return 0  # not reached
+
+
+PARSERS = (_add_serve, _add_demo)

@@ -1,0 +1,136 @@
+"""End to end: a real MONAI Label server process on 127.0.0.1, driven by ``monailabel.client`` as 3D Slicer
+drives it (info, next sample, sessions, submit label, infer .nrrd/uint8, train start/status/stop)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from monailabel.client import MONAILabelClient
+
+from medmeta_plugin.cli.serve import server_command
+from medmeta_plugin.io import read_image
+from tests.app.conftest import REPO
+
+LABEL_INFO = [{"name": "ball", "idx": 1}, {"name": "box", "idx": 2}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path: Path, studies: dict) -> Iterator[tuple[MONAILabelClient, subprocess.Popen, Path]]:
+    app = tmp_path / "app"
+    shutil.copytree(REPO / "apps" / "medmeta", app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+    port = _free_port()
+    # No --conf at all: the shipped backbone with the defaults.
+    command, env = server_command(str(studies["studies"]), app, "127.0.0.1", port)
+    env["MONAI_LABEL_DATASTORE_AUTO_RELOAD"] = "false"
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "server.log", "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 90
+            while not _answers(url):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    raise AssertionError(
+                        "server did not start:\n" + (tmp_path / "server.log").read_text()[-4000:]
+                    )
+                time.sleep(0.5)
+            yield MONAILabelClient(url, tmpdir=str(tmp_path / "client")), process, tmp_path / "server.log"
+        finally:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/info/", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _wait(predicate, timeout: float, what: str, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what} within {timeout} s; server log:\n{log.read_text()[-4000:]}")
+
+
+def test_slicer_workflow_against_a_real_server(server, studies, tmp_path: Path) -> None:
+    client, _, log = server
+    info = client.info()
+    assert "config" not in info and info["models"]["medmeta"]["type"] == "segmentation"
+
+    sample = client.next_sample("medmeta_diversity", {})
+    assert sample["id"] in {"a", "b", "c"}
+
+    session = client.create_session(str(studies["studies"] / "c.nii.gz"))
+    session_id = session["session_id"]
+    assert client.get_session(session_id)
+
+    (tmp_path / "client").mkdir()
+    response = client.save_label("a", str(studies["a"]), params={"label_info": LABEL_INFO})
+    assert sorted(response["medmeta"]["adapting"]) == ["ball", "box"]
+
+    def adapted() -> bool:
+        models = client.info()["models"]["medmeta"]
+        return models["labels"] == {"ball": 1, "box": 2}
+
+    _wait(adapted, 60, "no adapter", log)
+    out, params = client.infer("medmeta", "b", {"result_extension": ".nrrd", "result_dtype": "uint8"})
+    assert params["label_names"] == {"ball": 1, "box": 2}
+    label, meta = read_image(out)
+    truth, truth_meta = read_image(studies["b"])
+    assert meta.shape == truth_meta.shape
+    ball = label[0] == 1
+    assert 2 * (ball & (truth[0] == 1)).sum() / (ball.sum() + (truth[0] == 1).sum()) > 0.8
+
+    # Inference on the session's uploaded scan (the flipped one).
+    out, params = client.infer("medmeta", "", {"result_extension": ".nii.gz"}, session_id=session_id)
+    assert read_image(out)[1].shape == read_image(studies["c"])[1].shape
+    client.remove_session(session_id)
+
+    # Slicer's Train button: MONAI Label's training process adapts the structures and reports stats.
+    client.train_start("medmeta_adapt", {"structures": "ball"})
+
+    def trained() -> dict | None:
+        stats = client.info()["train_stats"].get("medmeta_adapt", {})
+        return stats if stats.get("epoch") == 1 and not client.train_status(check_if_running=True) else None
+
+    stats = _wait(trained, 120, "medmeta_adapt did not finish", log)
+    assert stats["total_epochs"] == 1 and "ball" in stats["structures"]
+    # The train process wrote version 2 of "ball"; the server serves it at its next request.
+    _wait(lambda: client.info()["medmeta"]["adapters"]["ball"]["version"] == 2, 20, "no version 2", log)
+    client.train_stop()  # DELETE /train/ with nothing running is harmless
+    assert not client.train_status(check_if_running=True)
+
+
+def test_unknown_names_are_4xx_over_http(server) -> None:
+    client, _, _ = server
+    for call in (
+        lambda: client.infer("medmeta", "no_such_image", {}),
+        lambda: client.infer("no_such_model", "a", {}),
+        lambda: client.next_sample("no_such_strategy", {}),
+    ):
+        with pytest.raises(Exception) as err:
+            call()
+        assert "Status: 404" in str(err.value)
+    assert client.info()["name"] == "medmeta"  # still serving
