@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from medmeta_plugin.networks import (
     load_backbone,
 )
 
-__all__ = ["Engine", "Example", "Segmentation"]
+__all__ = ["Engine", "Example", "Segmentation", "mask_uncertainty"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,27 @@ class Segmentation:
     names: dict[str, int]
     meta: Any
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def mask_uncertainty(probs: Iterable[torch.Tensor]) -> float | None:
+    """Mask entropy of a scan: mean over structures of the summed binary entropy (nats) of the foreground
+    probabilities, divided by the predicted volume plus one voxel.
+
+    Dividing by the predicted size ranks a scan by how unsure the boundary is relative to the structure, so
+    large organs do not outrank small ones by size alone.
+
+    Args:
+        probs: one foreground probability map per structure, each of shape (X, Y, Z).
+
+    Returns:
+        The score, or None when there is no map.
+    """
+    scores = []
+    for p in probs:
+        q = p.clamp(1e-6, 1 - 1e-6)
+        entropy = -(q * q.log() + (1 - q) * (1 - q).log())
+        scores.append(float(entropy.sum() / ((p > 0.5).sum() + 1)))
+    return float(np.mean(scores)) if scores else None
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -312,21 +333,9 @@ class Engine:
         return out
 
     def uncertainty(self, image: str | Path) -> float | None:
-        """Mask entropy of the adapted structures on a scan: mean over structures of the summed binary entropy
-        (nats) divided by the predicted volume plus one voxel; None with no segmentation adapter.
-
-        Dividing by the predicted size ranks a scan by how unsure the boundary is relative to the structure,
-        so large organs do not outrank small ones by size alone.
-        """
+        """The scan's :func:`mask_uncertainty` under the adapted structures (None without any)."""
         _, probs = self.probabilities(image)
-        if not probs:
-            return None
-        scores = []
-        for p in probs.values():
-            q = p.clamp(1e-6, 1 - 1e-6)
-            entropy = -(q * q.log() + (1 - q) * (1 - q).log())
-            scores.append(float(entropy.sum() / ((p > 0.5).sum() + 1)))
-        return float(np.mean(scores))
+        return mask_uncertainty(probs.values())
 
     def embedding(self, image: str | Path) -> np.ndarray:
         """The backbone's volume embedding of a scan, shape (E,)."""

@@ -7,7 +7,7 @@ import json
 import platform
 from pathlib import Path
 
-from medmeta_plugin.cli import serve
+from medmeta_plugin.cli import app_benchmarks, serve
 
 __all__ = ["PARSERS"]
 
@@ -206,6 +206,7 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--repeats", type=int, default=2)
     s.add_argument("--device", choices=("cpu", "cuda"))
     s.set_defaults(func=_benchmark_speed)
+    app_benchmarks.add_parsers(inner)
 
 
 def _benchmark_fewshot(args: argparse.Namespace) -> int:

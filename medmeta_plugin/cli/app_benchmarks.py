@@ -1,0 +1,54 @@
+"""``medmeta benchmark app`` and ``medmeta benchmark active``: the app's benchmarks (a real server; the
+active-learning loop)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["add_parsers"]
+
+
+def add_parsers(inner: argparse._SubParsersAction) -> None:
+    """Add the app benchmarks to ``medmeta benchmark``'s sub-parsers."""
+    from medmeta_plugin.benchmarks.splits import ABDOMEN_HELDOUT
+
+    a = inner.add_parser("app", help="real server: 1-shot label on the CT -> structure on the MR, vs scratch")
+    a.add_argument("--structures", nargs="+", default=list(ABDOMEN_HELDOUT), help="held-out structures")
+    a.add_argument("--scratch-steps", type=int, default=30, help="steps of the from-scratch baseline")
+    a.add_argument("--out", type=Path, default=Path("results_app.json"))
+    a.set_defaults(func=_app)
+    s = inner.add_parser(
+        "active", help="active learning on a synthetic pool: uncertainty vs random selection"
+    )
+    s.add_argument("--rounds", type=int, default=4)
+    s.add_argument("--pool", type=int, default=24, help="unlabelled scans per task")
+    s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--out", type=Path, default=Path("results_active.json"))
+    s.add_argument("--plot", type=Path, help="PNG of Dice against labelled scans per strategy")
+    s.set_defaults(func=_active)
+
+
+def _app(args: argparse.Namespace) -> int:
+    from medmeta_plugin.benchmarks.app_latency import run_app_benchmark, summarise_app
+
+    results = run_app_benchmark(tuple(args.structures), args.scratch_steps)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"app benchmark on {results['device']}")
+    print(summarise_app(results))
+    print(f"results: {args.out}")
+    return 0
+
+
+def _active(args: argparse.Namespace) -> int:
+    from medmeta_plugin.benchmarks.active import plot_active, run_active_benchmark, summarise_active
+
+    results = run_active_benchmark(rounds=args.rounds, pool=args.pool, seeds=args.seeds)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"active-learning benchmark on {results['device']}")
+    print(summarise_active(results))
+    if args.plot is not None:
+        print(f"plot: {plot_active(results, args.plot)}")
+    print(f"results: {args.out}")
+    return 0

@@ -1,0 +1,28 @@
+"""The app benchmark: input checks (fast) and one real run on one structure (slow: it starts a server)."""
+
+from __future__ import annotations
+
+import pytest
+
+from medmeta_plugin.benchmarks.app_latency import run_app_benchmark, summarise_app
+
+
+@pytest.mark.parametrize(
+    ("structure", "needle"),
+    [("liver", "not a held-out structure"), ("Left-Hippocampus", "not labelled in both")],
+)
+def test_structures_must_be_held_out_and_in_both_scans(structure: str, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        run_app_benchmark((structure,))
+
+
+@pytest.mark.slow
+def test_one_structure_end_to_end(tmp_path) -> None:
+    results = run_app_benchmark(("kidney_left",), scratch_steps=1, work=tmp_path)
+    (record,) = results["records"]
+    assert record["structure"] == "kidney_left"
+    assert record["submit_to_infer_s"] > 0 and 0.0 <= record["dice"] <= 1.0
+    assert 0.0 <= record["scratch_dice"] <= 1.0
+    server = results["server"]
+    assert server["infer_cold_s"] > 0 and server["rss_after_mb"] > 0
+    assert "kidney_left" in summarise_app(results)
