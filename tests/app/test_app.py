@@ -200,3 +200,30 @@ def test_label_written_as_nifti_with_write_image_is_accepted(app_client, studies
     path = write_image(tmp_path / "a_label.nii.gz", label.astype(np.uint8), meta)
     response = save_label(app_client, "a", path, {"ball": 1, "box": 2})
     assert response.status_code == 200, response.text
+
+
+DICOM_UID = "1.2.826.0.1.3680043.8.498.12345"  # a UID as folder name: its dots are not file extensions
+
+
+@pytest.fixture
+def dicom_series(studies) -> str:
+    """A DICOM CT series in the studies folder (one folder, one file per slice), before the server starts."""
+    from medmeta_plugin.io import write_dicom_series
+
+    image, _ = phantom(GEOMETRIES["ras"], 5)
+    write_dicom_series(
+        studies["studies"] / DICOM_UID, np.round(image * 100).astype(np.int16), GEOMETRIES["ras"]
+    )
+    return DICOM_UID
+
+
+def test_dicom_series_folder_is_an_image(dicom_series, app_client, studies, tmp_path) -> None:
+    listing = app_client.get("/datastore/?output=all").json()
+    assert dicom_series in listing["objects"], sorted(listing["objects"])
+    save_label(app_client, "a", studies["a"], SLICER_INFO)
+    wait_adapted(app_client, ["ball", "box"])
+    response = app_client.post("/infer/medmeta", params={"image": dicom_series, "output": "image"})
+    assert response.status_code == 200, response.text
+    path = tmp_path / "dicom_result.nii.gz"
+    path.write_bytes(response.content)
+    assert read_image(path)[1].shape == GEOMETRIES["ras"].shape
