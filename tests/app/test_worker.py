@@ -107,9 +107,9 @@ def test_idle_job_runs_until_done_and_yields_to_adaptation() -> None:
         return remaining[0] > 0
 
     worker = AdaptationWorker(lambda task: calls.append(task) or {}, idle)
+    worker.request(["x"])  # pending before the thread starts: adaptation goes before idle work
     worker.start()
     try:
-        worker.request(["x"])
         deadline = time.monotonic() + 5
         while remaining[0] > 0 and time.monotonic() < deadline:
             time.sleep(0.01)
