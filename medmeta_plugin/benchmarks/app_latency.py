@@ -113,7 +113,12 @@ def run_app_benchmark(
     Raises:
         ValueError: for a structure that is not held out or not labelled in both sample scans.
     """
+    import logging
+
     from monailabel.client import MONAILabelClient
+
+    # The client logs every request at INFO; the benchmark polls, so that would be thousands of lines.
+    logging.getLogger("monailabel.client.client").setLevel(logging.WARNING)
 
     from medmeta_plugin.benchmarks.splits import is_held_out
     from medmeta_plugin.cli.serve import DEFAULT_APP, server_command
