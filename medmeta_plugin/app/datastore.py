@@ -27,6 +27,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from medmeta_plugin.app.engine import Example
 from medmeta_plugin.app.labels import Submission, VolumeTarget, parse_label_params, validate_label_file
 from medmeta_plugin.io import read_image
+from medmeta_plugin.names import validate_name
 
 __all__ = ["MedMetaDatastore", "TaskExamples", "collect_examples", "stored_submission"]
 
@@ -78,6 +79,24 @@ class MedMetaDatastore(LocalDatastore):
         if (Path(self._datastore.image_path()) / file).is_dir():
             return file, ""
         return super()._to_id(file)
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        """Validate, then store, an uploaded image: a safe id not in use, a file that reads as an image.
+
+        Raises:
+            HTTPException: 400 for an invalid id or an unreadable image, 409 for an id already in use (the
+                stored image is never replaced).
+        """
+        if not image_id:
+            image_id = self._to_id(os.path.basename(image_filename))[0]
+        try:
+            validate_name(image_id, "image id")
+            read_image(image_filename)
+        except (TypeError, ValueError) as err:
+            raise HTTPException(400, f"image upload refused: {err}") from err
+        if image_id in self._datastore.objects:
+            raise HTTPException(409, f"image {image_id!r} already exists; upload it under another id.")
+        return super().add_image(image_id, image_filename, image_info)
 
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]

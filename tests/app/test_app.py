@@ -227,3 +227,24 @@ def test_dicom_series_folder_is_an_image(dicom_series, app_client, studies, tmp_
     path = tmp_path / "dicom_result.nii.gz"
     path.write_bytes(response.content)
     assert read_image(path)[1].shape == GEOMETRIES["ras"].shape
+
+
+@pytest.mark.parametrize(
+    ("image_id", "filename", "content", "status"),
+    [
+        ("../../escape", "x.nii.gz", None, 400),  # path traversal in the id
+        ("new_scan", "x.nii.gz", b"\x1f\x8b truncated gzip", 400),  # a corrupt NIfTI
+        ("new_scan", "x.txt", b"hello", 400),  # not an image at all
+        ("a", "x.nii.gz", None, 409),  # an id in use: the stored image is never replaced
+        ("new_scan", "x.nii.gz", None, 200),
+    ],
+)
+def test_image_upload_is_validated(app_client, studies, image_id, filename, content, status) -> None:
+    before = (studies["studies"] / "a.nii.gz").read_bytes()
+    body = content if content is not None else (studies["studies"] / "b.nii.gz").read_bytes()
+    response = app_client.put(
+        "/datastore/", params={"image": image_id}, files={"file": (filename, io.BytesIO(body))}
+    )
+    assert response.status_code == status, response.text
+    assert (studies["studies"] / "a.nii.gz").read_bytes() == before
+    assert not (studies["studies"].parent / "escape.nii.gz").exists()
