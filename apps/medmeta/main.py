@@ -28,6 +28,7 @@ import medmeta_plugin
 from medmeta_plugin.app.config import parse_conf
 from medmeta_plugin.app.datastore import MedMetaDatastore
 from medmeta_plugin.app.infer_task import SegmentationInfer, VolumeInfer
+from medmeta_plugin.app.routes import install_guards
 from medmeta_plugin.app.runtime import MedMetaRuntime
 from medmeta_plugin.app.strategy import DiversityStrategy, UncertaintyScoring, UncertaintyStrategy
 from medmeta_plugin.app.train_task import AdaptTrain, MetaTrain
@@ -98,6 +99,9 @@ class MedMetaApp(MONAILabelApp):
     # ----- server hooks ------------------------------------------------------------------------------------
     def on_init_complete(self) -> None:
         super().on_init_complete()
+        from monailabel.app import app as fastapi_app  # the server process only (not the train process)
+
+        install_guards(fastapi_app)
         scheduled = self.runtime.start()
         if scheduled:
             logger.info("medmeta: adapting %s from labels already in the datastore", scheduled)

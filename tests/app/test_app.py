@@ -121,6 +121,18 @@ def test_ohif_infer_output_image(app_client, studies) -> None:
         (lambda c: c.post("/infer/unknown_model", params={"image": "a"}), 404, "unknown_model"),
         (lambda c: c.post("/infer/medmeta", params={"image": "a"}), 400, "no structure has been adapted"),
         (lambda c: c.post("/activelearning/no_such_strategy"), 404, "no_such_strategy"),
+        (lambda c: c.post("/train/no_such_trainer"), 404, "no_such_trainer"),
+        (lambda c: c.post("/scoring/no_such_method"), 404, "no_such_method"),
+        (
+            lambda c: c.post("/infer/medmeta", params={"image": "a"}, data={"params": "{bad"}),
+            400,
+            "not valid JSON",
+        ),
+        (
+            lambda c: c.post("/infer/medmeta", params={"image": "a"}, data={"params": "[1]"}),
+            400,
+            "JSON object",
+        ),
     ],
 )
 def test_client_errors_are_4xx_with_message(app_client, call, status, needle) -> None:

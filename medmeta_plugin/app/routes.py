@@ -1,0 +1,105 @@
+"""Guard routes: client errors that MONAI Label 0.8.5 answers with a 500, or accepts and fails later, get a
+4xx with a message instead.
+
+- ``POST /infer/{model}`` with ``params`` that are not a JSON object (MONAI Label: 500 from ``json.loads``);
+- ``POST /train/{model}`` for an unknown train task (MONAI Label: 200, then the train process fails);
+- ``POST /scoring/{method}`` for an unknown scoring method (likewise).
+
+Each guard has the same signature and the same authentication dependency as the route it stands in front
+of, checks the request, and then calls MONAI Label's own handler, so behaviour is otherwise unchanged. The
+guards are inserted at the front of the running FastAPI router (routes are matched per request, so this is
+safe after start-up, where middleware could no longer be added).
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads these signatures' annotations at run time.
+
+import json
+
+from fastapi import BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, UploadFile
+from monailabel.config import settings
+from monailabel.endpoints import infer as infer_endpoints
+from monailabel.endpoints import scoring as scoring_endpoints
+from monailabel.endpoints import train as train_endpoints
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.utils.app import app_instance
+
+__all__ = ["install_guards"]
+
+# FastAPI parameter declarations, made once (the same objects MONAI Label's routes declare inline).
+_PARAMS = Form("{}")
+_FILE = File(None)
+_USER = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
+_ADMIN = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
+_ANNOTATOR = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
+
+
+def _front(fastapi_app: FastAPI, count: int) -> None:
+    routes = fastapi_app.router.routes
+    added = routes[-count:]
+    del routes[-count:]
+    routes[:0] = added
+
+
+def install_guards(fastapi_app: FastAPI) -> None:
+    """Put the guard routes in front of MONAI Label's (once per process; they look up the running app).
+
+    Args:
+        fastapi_app: MONAI Label's FastAPI application (``monailabel.app.app``).
+    """
+    if getattr(fastapi_app.state, "medmeta_guards", False):
+        return
+    prefix = settings.MONAI_LABEL_API_STR
+
+    def infer_guard(
+        background_tasks: BackgroundTasks,
+        model: str,
+        image: str = "",
+        session_id: str = "",
+        params: str = _PARAMS,
+        file: UploadFile = _FILE,
+        label: UploadFile = _FILE,
+        output: infer_endpoints.ResultType | None = None,
+        user: User = _USER,
+    ):
+        try:
+            parsed = json.loads(params) if params else {}
+        except json.JSONDecodeError as err:
+            raise HTTPException(400, f"params is not valid JSON ({err.msg} at position {err.pos}).") from err
+        if not isinstance(parsed, dict):
+            raise HTTPException(400, f"params must be a JSON object, got {type(parsed).__name__}.")
+        return infer_endpoints.run_inference(
+            background_tasks, model, image, session_id, params, file, label, output
+        )
+
+    def train_guard(
+        model: str,
+        params: dict | None = None,
+        run_sync: bool | None = False,
+        enqueue: bool | None = False,
+        user: User = _ADMIN,
+    ):
+        trainers = app_instance()._trainers
+        if model not in trainers:
+            raise HTTPException(404, f"unknown train task {model!r}; train tasks: {sorted(trainers)}.")
+        return train_endpoints.run_model(model, params, run_sync, enqueue)
+
+    def scoring_guard(
+        method: str,
+        params: dict | None = None,
+        run_sync: bool | None = False,
+        user: User = _ANNOTATOR,
+    ):
+        methods = app_instance()._scoring_methods
+        if method not in methods:
+            valid = sorted(methods)
+            raise HTTPException(404, f"unknown scoring method {method!r}; scoring methods: {valid}.")
+        return scoring_endpoints.run_method(method, params, run_sync)
+
+    for path, guard in (
+        (f"{prefix}/infer/{{model}}", infer_guard),
+        (f"{prefix}/train/{{model}}", train_guard),
+        (f"{prefix}/scoring/{{method}}", scoring_guard),
+    ):
+        fastapi_app.add_api_route(path, guard, methods=["POST"], include_in_schema=False)
+    _front(fastapi_app, 3)
+    fastapi_app.state.medmeta_guards = True
