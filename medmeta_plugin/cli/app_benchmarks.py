@@ -1,5 +1,5 @@
-"""``medmeta benchmark app`` and ``medmeta benchmark active``: the app's benchmarks (a real server; the
-active-learning loop)."""
+"""``medmeta benchmark app``, ``active`` and ``load``: the app's benchmarks (a real server; the
+active-learning loop; concurrent clients)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,12 @@ def add_parsers(inner: argparse._SubParsersAction) -> None:
     s.add_argument("--out", type=Path, default=Path("results_active.json"))
     s.add_argument("--plot", type=Path, help="PNG of Dice against labelled scans per strategy")
     s.set_defaults(func=_active)
+    m = inner.add_parser("load", help="real server: concurrent label submissions and inference; nothing lost")
+    m.add_argument("--submitters", type=int, default=6)
+    m.add_argument("--readers", type=int, default=4)
+    m.add_argument("--seconds", type=float, default=30.0, help="least time the readers run")
+    m.add_argument("--out", type=Path, default=Path("results_load.json"))
+    m.set_defaults(func=_load)
 
 
 def _app(args: argparse.Namespace) -> int:
@@ -52,3 +58,13 @@ def _active(args: argparse.Namespace) -> int:
         print(f"plot: {plot_active(results, args.plot)}")
     print(f"results: {args.out}")
     return 0
+
+
+def _load(args: argparse.Namespace) -> int:
+    from medmeta_plugin.benchmarks.load import run_load_benchmark, summarise_load
+
+    results = run_load_benchmark(args.submitters, args.readers, args.seconds)
+    args.out.write_text(json.dumps(results, indent=1))
+    print(summarise_load(results))
+    print(f"results: {args.out}")
+    return 0 if results["result"]["labels_lost"] == 0 and not results["result"]["errors"] else 1
