@@ -130,6 +130,7 @@ class Engine:
         self.device = _resolve_device(config.device)
         self._lock = threading.RLock()
         self._cache: OrderedDict[tuple, tuple[WorkingVolume, BackboneOutput]] = OrderedDict()
+        self._computing: dict[tuple, threading.Event] = {}
         self._loaded: dict[str, int] = {}
         self._backbone_stamp: tuple[str, int] | None = None
         self.load_backbone()
@@ -222,17 +223,32 @@ class Engine:
         except OSError as err:
             raise ValueError(f"image {image}: cannot be read ({err.strerror}).") from err
         key = (path, stat.st_mtime_ns, stat.st_size, id(self.model.backbone))
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        volume = load_working(path, self.config.spacing, self.divisor, self.config.max_voxels)
-        with torch.no_grad():
-            base = self._backbone(volume.image.to(self.device), None)
-        with self._lock:
-            self._cache[key] = (volume, base)
-            while len(self._cache) > _CACHE_ENTRIES:
-                self._cache.popitem(last=False)
+        while True:
+            with self._lock:
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    return self._cache[key]
+                # One computation per scan: a request arriving while the background scorer (or another
+                # request) computes the same scan waits for it instead of doubling the work.
+                pending = self._computing.get(key)
+                if pending is None:
+                    pending = self._computing[key] = threading.Event()
+                    break
+            pending.wait()
+            with self._lock:
+                if key not in self._cache and key not in self._computing:
+                    continue  # the other computation failed: try it ourselves
+        try:
+            volume = load_working(path, self.config.spacing, self.divisor, self.config.max_voxels)
+            with torch.no_grad():
+                base = self._backbone(volume.image.to(self.device), None)
+            with self._lock:
+                self._cache[key] = (volume, base)
+                while len(self._cache) > _CACHE_ENTRIES:
+                    self._cache.popitem(last=False)
+        finally:
+            with self._lock:
+                self._computing.pop(key).set()
         return volume, base
 
     def _backbone(self, image: torch.Tensor, task: TaskAdapter | None) -> BackboneOutput:
@@ -251,7 +267,9 @@ class Engine:
         )
         # The embedding is a global pool: take it from the scan shrunk to the whole-volume budget.
         factor = (self.config.whole_volume_voxels / image[0, 0].numel()) ** (1 / 3)
-        size = [max(self.divisor, int(s * factor) // self.divisor * self.divisor) for s in image.shape[2:]]
+        # At least two voxels per axis at the coarsest level: instance norm needs more than one.
+        least = 2 * self.divisor
+        size = [max(least, int(s * factor) // self.divisor * self.divisor) for s in image.shape[2:]]
         small = torch.nn.functional.interpolate(image, size=size, mode="trilinear", align_corners=False)
         return BackboneOutput(features=features, embedding=backbone(small, adapter=adapter).embedding)
 

@@ -103,3 +103,36 @@ def test_client_errors_are_value_errors(engine: Engine, studies: dict, tmp_path:
         engine.adapt_task("x", "segmentation", [])
     with pytest.raises(ValueError, match="invalid task name"):
         engine.adapt_task("../x", "segmentation", [Example(image_a, str(studies["a"]), 1)])
+
+
+def test_concurrent_requests_for_one_scan_compute_it_once(engine: Engine, studies: dict, monkeypatch) -> None:
+    import threading
+
+    import medmeta_plugin.app.engine as engine_module
+
+    calls = []
+    original = engine_module.load_working
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "load_working", counting)
+    image_a = str(studies["studies"] / "a.nii.gz")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(engine.working(image_a))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 4 and len(calls) == 1
+    assert all(r[1] is results[0][1] for r in results)
+
+
+def test_sliding_window_path_for_large_grids(tmp_path: Path, studies: dict, tiny_backbone: Path) -> None:
+    # Working grids above whole_volume_voxels go through the backbone by sliding window.
+    conf = parse_conf(app_conf(tiny_backbone, whole_volume_voxels="1000", roi="16"))
+    engine = Engine(conf, tmp_path / "model")
+    volume, base = engine.working(studies["studies"] / "a.nii.gz")
+    assert base.features.shape[2:] == volume.image.shape[2:]
+    assert base.embedding.shape == (1, engine.model.backbone.embedding_dim)
