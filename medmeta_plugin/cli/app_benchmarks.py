@@ -16,7 +16,7 @@ def add_parsers(inner: argparse._SubParsersAction) -> None:
 
     a = inner.add_parser("app", help="real server: 1-shot label on the CT -> structure on the MR, vs scratch")
     a.add_argument("--structures", nargs="+", default=list(ABDOMEN_HELDOUT), help="held-out structures")
-    a.add_argument("--scratch-steps", type=int, default=30, help="steps of the from-scratch baseline")
+    a.add_argument("--scratch-steps", type=int, default=30, help="from-scratch baseline steps (0: skip)")
     a.add_argument("--out", type=Path, default=Path("results_app.json"))
     a.set_defaults(func=_app)
     s = inner.add_parser(
