@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from medmeta_plugin.adapt import AdaptBudget, adapt
+from medmeta_plugin.app.config import DEFAULT_BACKBONE
 from medmeta_plugin.app.engine import mask_uncertainty
 from medmeta_plugin.app.strategy import select_diverse, select_uncertain
 from medmeta_plugin.episodes import HELDOUT_FAMILIES
@@ -108,7 +109,7 @@ def run_active_benchmark(
     pool: int = 24,
     seeds: int = 3,
     families: tuple[str, ...] = HELDOUT_FAMILIES,
-    backbone: str | Path = "sample_apps/backbone/backbone.safetensors",
+    backbone: str | Path = DEFAULT_BACKBONE,
     steps: int = 30,
     shape: tuple[int, int, int] = (48, 48, 48),
 ) -> dict[str, Any]:
