@@ -66,3 +66,59 @@ def test_a_crash_before_the_metadata_never_reuses_the_version_number(
 def test_unsafe_task_names_are_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError, match="invalid task name"):
         AdapterStore(tmp_path).versions(name)
+
+
+_WRITER = """
+import sys, torch
+from medmeta_plugin.adapt.store import AdapterStore
+from medmeta_plugin.networks import BackboneConfig, MetaModel
+torch.manual_seed(0)
+model = MetaModel(config=BackboneConfig(features=(8, 16, 16), norm="group", groups=4))
+model.add_task("liver", "segmentation", mode="lora")
+store = AdapterStore(sys.argv[1])
+value = 0.0
+print("ready", flush=True)
+while True:
+    value += 1.0
+    with torch.no_grad():
+        model.task("liver").head.conv.bias.fill_(value)
+    store.save(model, "liver")
+"""
+
+
+@pytest.mark.slow  # five processes that import torch: about a minute on 2 cores
+def test_sigkill_while_writing_leaves_a_loadable_store(tmp_path: Path) -> None:
+    # A real process writes versions as fast as it can and is killed with SIGKILL at random moments; after
+    # each kill the newest complete version loads and no half-written file carries a version's name.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from medmeta_plugin.networks import BackboneConfig
+
+    rng = np.random.default_rng(0)
+    store_dir = tmp_path / "store"
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    loaded_versions = []
+    for _ in range(5):
+        process = subprocess.Popen(
+            [sys.executable, str(script), str(store_dir)], stdout=subprocess.PIPE, text=True
+        )
+        assert process.stdout.readline().strip() == "ready"
+        time.sleep(float(rng.uniform(0.2, 0.8)))
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        torch.manual_seed(0)
+        model = MetaModel(config=BackboneConfig(features=(8, 16, 16), norm="group", groups=4))
+        store = AdapterStore(store_dir)
+        adapter, version = store.load_latest(model, "liver")
+        # The weights are the ones saved with that version (the writer stored bias = its counter).
+        assert float(adapter.head.conv.bias) >= 1.0
+        loaded_versions.append(version)
+        for path in (store_dir / "liver").glob("v*.json"):
+            assert path.read_text().rstrip().endswith("}")  # every named metadata file is complete
+    assert loaded_versions == sorted(loaded_versions) and loaded_versions[-1] > loaded_versions[0]
