@@ -189,6 +189,7 @@ def plot_active(results: dict[str, Any], path: str | Path) -> Path:
     for strategy, per in _table(results).items():
         counts = sorted(per)
         ax.plot(counts, [np.mean(per[n]) for n in counts], marker="o", label=strategy)
+    ax.set_xticks(sorted({r["labelled"] for r in results["records"]}))
     ax.set_xlabel("labelled scans")
     ax.set_ylabel("mean test Dice (held-out families)")
     ax.set_title(f"active learning ({results['device']})", fontsize=9)
