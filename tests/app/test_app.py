@@ -260,3 +260,15 @@ def test_image_upload_is_validated(app_client, studies, image_id, filename, cont
     assert response.status_code == status, response.text
     assert (studies["studies"] / "a.nii.gz").read_bytes() == before
     assert not (studies["studies"].parent / "escape.nii.gz").exists()
+
+
+def test_label_bin_of_the_wrong_size_is_refused(app_client, studies) -> None:
+    response = app_client.put(
+        "/datastore/label",
+        params={"image": "b"},
+        files={"label": ("label.bin", io.BytesIO(b"\x00" * 100))},
+        data={"params": json.dumps({"label_info": SLICER_INFO})},
+    )
+    assert response.status_code == 400
+    assert "one uint8 per voxel" in response.json()["detail"]
+    assert not (studies["studies"] / "labels" / "final" / "b.nii.gz").exists()
