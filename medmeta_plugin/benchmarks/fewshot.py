@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import DivisiblePad
+from monai.utils import look_up_option
 from tqdm import tqdm
 
-from medmeta_plugin.adapt import AdaptBudget, adapt
+from medmeta_plugin.adapt import VOXEL_SAMPLES, AdaptBudget, adapt
 from medmeta_plugin.benchmarks.suites import EvalTask, build_suite
 from medmeta_plugin.meta.objectives import task_score
 from medmeta_plugin.networks import ADAPTER_MODES, Backbone3D, MetaModel, load_backbone
@@ -73,6 +74,8 @@ class BenchmarkConfig:
         steps: step budget of every other mode and of ``scratch`` (each step runs the backbone), fixed;
             leave-one-out would multiply their cost by k + 1.
         tasks: evaluate only these tasks of the suite (default: all of them).
+        voxel_sample: how head mode samples segmentation voxels, one of
+            :data:`~medmeta_plugin.adapt.VOXEL_SAMPLES` (default: that of ``AdaptBudget``).
     """
 
     suite: str
@@ -84,6 +87,10 @@ class BenchmarkConfig:
     head_steps: int = 30
     steps: int = 10
     tasks: tuple[str, ...] | None = None
+    voxel_sample: str = AdaptBudget.voxel_sample
+
+    def __post_init__(self) -> None:
+        look_up_option(self.voxel_sample, VOXEL_SAMPLES)
 
 
 def _pad(array: torch.Tensor, divisor: int) -> torch.Tensor:
@@ -194,7 +201,8 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
         "value", "adapt_seconds", "peak_mem_mb"}]}``.
 
     Raises:
-        ValueError: for an unknown suite or method, or a missing backbone file.
+        ValueError: for an unknown suite or method, or a missing backbone file (and, when the config is
+            built, for an unknown ``voxel_sample``).
     """
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
@@ -229,7 +237,11 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
         else:
             model = MetaModel(backbones[family])
             head = mode == "head"
-            budget = AdaptBudget(steps=config.head_steps if head else config.steps, early_stopping=head)
+            budget = AdaptBudget(
+                steps=config.head_steps if head else config.steps,
+                early_stopping=head,
+                voxel_sample=config.voxel_sample,
+            )
             if head:
                 features, extract_seconds = cache.support(family, backbones[family], drawn)
                 cached = (cache, family)

@@ -81,10 +81,13 @@ def test_abdomen_benchmark_adapts_and_scores_on_whole_volumes(
     real_root: Path, backbones: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[tuple[str, tuple[int, ...]]] = []
+    samples: set[str] = set()
 
-    def recording_adapt(model, support, kind, mode, *args, **kwargs):
+    def recording_adapt(model, support, kind, mode, budget, **kwargs):
         seen.extend((mode, tuple(s["image"].shape)) for s in support)
-        return adapt(model, support, kind, mode, *args, **kwargs)
+        if mode == "head":
+            samples.add(budget.voxel_sample)
+        return adapt(model, support, kind, mode, budget, **kwargs)
 
     monkeypatch.setattr(fewshot, "adapt", recording_adapt)
     config = BenchmarkConfig(
@@ -96,12 +99,13 @@ def test_abdomen_benchmark_adapts_and_scores_on_whole_volumes(
         multitask_backbone=backbones[1],
         head_steps=2,
         steps=1,
+        voxel_sample="stratified",
     )
     records = run_benchmark(config, device="cpu")["records"]
     divisor = load_backbone(backbones[0]).size_divisor
     padded = tuple(-(-n // divisor) * divisor for n in CT_SHAPE)
     assert {shape for _, shape in seen} == {(1, *padded)}, "support cases are whole padded volumes"
-    assert {mode for mode, _ in seen} == {"full", "head"}
+    assert {mode for mode, _ in seen} == {"full", "head"} and samples == {"stratified"}
     assert len(records) == 2 * 2 * 2 and all(0.0 <= r["value"] <= 1.0 for r in records)
     assert all(r["adapt_seconds"] > 0 for r in records)
 
@@ -184,6 +188,7 @@ def test_support_draws_are_seeded_and_distinct() -> None:
     [
         (lambda: build_suite("synthetic-heldot"), "synthetic-heldout"),
         (lambda: parse_methods(["meta+lorra"]), "meta\\+lora"),
+        (lambda: BenchmarkConfig(suite="synthetic-heldout", voxel_sample="balance"), "balanced"),
         (
             lambda: run_benchmark(BenchmarkConfig(suite="synthetic-heldout", methods=("nope",))),
             "unknown methods",
