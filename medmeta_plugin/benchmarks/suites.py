@@ -20,7 +20,10 @@ around the structure; the head then never saw most of the body as background and
 on the whole query, Dice ~0 for every method.) The volumes are small enough for that on a CPU: the CT
 is 122x101x112 and the MR 117x91x20 voxels at 3 mm, the brain template 91x109x91 at 2 mm, so no crop and
 no resampling is needed. All tasks of a real suite share the same image tensors, so a benchmark can
-compute each scan's backbone features once for all of its structures.
+compute each scan's backbone features once for all of its structures. Whole volumes did not lift the
+figures off ~0, though: the shipped backbone's features do not separate these structures linearly even on
+the support scan itself (``docs/benchmarks/abdomen-linear-probe.md``). The brain suite's support cases
+are all deformed copies and are drawn by seed; the abdomen's 1 shot is always the real CT.
 
 Real suites read ``../shared/data/real`` (or ``$MEDMETA_REAL_DATA``); the structures they evaluate are the
 ones in :mod:`medmeta_plugin.benchmarks.splits`, which meta-training never sees.
