@@ -1,6 +1,6 @@
 """Few-shot adaptation of one task's adapter and head from a handful of labelled cases."""
 
-from medmeta_plugin.adapt.adaptation import AdaptBudget, AdaptReport, adapt, stack_support
+from medmeta_plugin.adapt.adaptation import VOXEL_SAMPLES, AdaptBudget, AdaptReport, adapt, stack_support
 from medmeta_plugin.adapt.head_init import (
     classification_head_init,
     init_head,
@@ -9,6 +9,7 @@ from medmeta_plugin.adapt.head_init import (
 )
 
 __all__ = [
+    "VOXEL_SAMPLES",
     "AdaptBudget",
     "AdaptReport",
     "adapt",

@@ -416,7 +416,7 @@ class Engine:
         budget = AdaptBudget(steps=self.config.adapt_steps)
         model = self.model
         adapter, report = adapt(
-            model, support, kind, self.config.mode, budget, name=name, num_outputs=num_outputs, base=base
+            model, support, kind, self.config.mode, budget, name=name, num_outputs=num_outputs, features=base
         )
         staging = MetaModel(model.backbone)
         staging.attach(adapter)

@@ -88,7 +88,9 @@ def _run_strategy(
         base = BackboneOutput(train_feats.features[idx], train_feats.embedding[idx])
         budget = AdaptBudget(steps=steps)
         support = [train[i] for i in idx]
-        adapter, _ = adapt(model, support, "segmentation", "head", budget, name="al", seed=seed, base=base)
+        adapter, _ = adapt(
+            model, support, "segmentation", "head", budget, name="al", seed=seed, features=base
+        )
         with torch.no_grad():
             curve.append((len(idx), task_score("segmentation", adapter.head(test_feats), test_masks)))
             probs = torch.sigmoid(adapter.head(train_feats))[:, 0]

@@ -14,6 +14,17 @@ shots from it by seed) and fixed query cases scored after adaptation. All images
 - ``brain-heldout``: support and query from differently deformed, intensity-augmented copies of the brain
   template, for the held-out brain structures.
 
+Real suites adapt on whole support volumes and score whole query volumes, as the product does: a user
+labels a structure on a scan and submits the whole scan. (An earlier version cropped the support to a box
+around the structure; the head then never saw most of the body as background and marked it foreground
+on the whole query, Dice ~0 for every method.) The volumes are small enough for that on a CPU: the CT
+is 122x101x112 and the MR 117x91x20 voxels at 3 mm, the brain template 91x109x91 at 2 mm, so no crop and
+no resampling is needed. All tasks of a real suite share the same image tensors, so a benchmark can
+compute each scan's backbone features once for all of its structures. Whole volumes did not lift the
+figures off ~0, though: the shipped backbone's features do not separate these structures linearly even on
+the support scan itself (``docs/benchmarks/abdomen-linear-probe.md``). The brain suite's support cases
+are all deformed copies and are drawn by seed; the abdomen's 1 shot is always the real CT.
+
 Real suites read ``../shared/data/real`` (or ``$MEDMETA_REAL_DATA``); the structures they evaluate are the
 ones in :mod:`medmeta_plugin.benchmarks.splits`, which meta-training never sees.
 """
@@ -50,8 +61,8 @@ class EvalTask:
         support_pool: candidate support cases; items hold ``"image"`` (1, X, Y, Z) and ``"label"``
             (1, X, Y, Z) or ``"target"``, plus ``"class"`` for per-class shot sampling in classification.
         query: the cases scored after adaptation (whole volumes).
-        crop: for large real volumes, support cases are cropped to this size around the structure before
-            adaptation (queries are always whole, segmented by sliding window).
+        original_first: the pool's first case is the real labelled scan and every draw starts with it
+            (the other cases are deformed copies of it).
     """
 
     name: str
@@ -59,12 +70,12 @@ class EvalTask:
     num_outputs: int
     support_pool: list[Item]
     query: list[Item]
-    crop: tuple[int, int, int] | None = None
+    original_first: bool = False
 
     def draw_support(self, shots: int, seed: int) -> list[Item]:
         """``shots`` support cases (per class for classification), chosen by ``seed``.
 
-        In cropped (real) suites index 0 is the original scan and always comes first, so 1 shot is the
+        With ``original_first`` index 0 is the original scan and always comes first, so 1 shot is the
         real labelled scan and more shots add its deformed copies.
         """
         rng = np.random.default_rng(seed)
@@ -74,7 +85,7 @@ class EvalTask:
                 members = [it for it in self.support_pool if it["class"] == c]
                 chosen += [members[i] for i in rng.choice(len(members), size=shots, replace=False)]
             return chosen
-        if self.crop is not None:
+        if self.original_first:
             rest = rng.choice(np.arange(1, len(self.support_pool)), size=shots - 1, replace=False)
             return [self.support_pool[0]] + [self.support_pool[i] for i in rest]
         return [self.support_pool[i] for i in rng.choice(len(self.support_pool), size=shots, replace=False)]
@@ -90,6 +101,10 @@ def real_data_root() -> Path:
 
 def _image(array: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(normalize_intensity(array.astype(np.float32)))
+
+
+def _mask(label: np.ndarray, value: int) -> torch.Tensor:
+    return torch.as_tensor((label == value).astype(np.float32))
 
 
 def _synthetic_cases(
@@ -108,11 +123,12 @@ def _synthetic_cases(
 
 def _synthetic_heldout(seed: int) -> list[EvalTask]:
     cases = _synthetic_cases(60, seed)
+    images = [_image(img) for img, *_ in cases]  # shared by the tasks of every family in the case
     tasks = []
     for family in HELDOUT_FAMILIES:
         items = [
-            {"image": _image(img), "label": torch.as_tensor((lab == names[family]).astype(np.float32))}
-            for img, lab, names, _ in cases
+            {"image": im, "label": _mask(lab, names[family])}
+            for im, (_, lab, names, _) in zip(images, cases)
             if family in names
         ]
         tasks.append(EvalTask(f"synth_{family}", "segmentation", 1, items[:8], items[8:12]))
@@ -157,20 +173,18 @@ def _value(case: Case, name: str) -> int | None:
 
 def _abdomen(seed: int) -> list[EvalTask]:
     ct, mr = _real_case("ct_abdomen_a"), _real_case("mr_abdomen_d")
-    copies = [ct, *deformed_copies([ct], 4, seed=seed)]
-    tasks = []
-    loaded = [load_case(c) for c in copies]
+    loaded = [load_case(c) for c in [ct, *deformed_copies([ct], 4, seed=seed)]]
     mr_image, mr_label = load_case(mr)
+    # One image tensor per scan, shared by every structure's task (see the module docstring).
+    ct_images, query_image = [_image(i) for i, _ in loaded], _image(mr_image)
+    tasks = []
     for name in ABDOMEN_HELDOUT:
         v_ct, v_mr = _value(ct, name), _value(mr, name)
         if v_ct is None or v_mr is None:
             continue
-        pool = [
-            {"image": _image(i), "label": torch.as_tensor((lab == v_ct).astype(np.float32))}
-            for i, lab in loaded
-        ]
-        query = [{"image": _image(mr_image), "label": torch.as_tensor((mr_label == v_mr).astype(np.float32))}]
-        tasks.append(EvalTask(name, "segmentation", 1, pool, query, crop=(64, 64, 64)))
+        pool = [{"image": im, "label": _mask(lab, v_ct)} for im, (_, lab) in zip(ct_images, loaded)]
+        query = [{"image": query_image, "label": _mask(mr_label, v_mr)}]
+        tasks.append(EvalTask(name, "segmentation", 1, pool, query, original_first=True))
     return tasks
 
 
@@ -178,19 +192,15 @@ def _brain(seed: int) -> list[EvalTask]:
     brain = _real_case("brain_mni152")
     support = [load_case(c) for c in deformed_copies([brain], 5, seed=seed)]
     query = [load_case(c) for c in deformed_copies([brain], 2, seed=seed + 10_000)]
+    support_images, query_images = [_image(i) for i, _ in support], [_image(i) for i, _ in query]
     tasks = []
     for name in BRAIN_HELDOUT:
         v = _value(brain, name)
         if v is None:
             continue
-
-        def items(pairs: list, v: int = v) -> list[Item]:
-            return [
-                {"image": _image(i), "label": torch.as_tensor((lab == v).astype(np.float32))}
-                for i, lab in pairs
-            ]
-
-        tasks.append(EvalTask(name, "segmentation", 1, items(support), items(query), crop=(48, 48, 48)))
+        pool = [{"image": im, "label": _mask(lab, v)} for im, (_, lab) in zip(support_images, support)]
+        queries = [{"image": im, "label": _mask(lab, v)} for im, (_, lab) in zip(query_images, query)]
+        tasks.append(EvalTask(name, "segmentation", 1, pool, queries))
     return tasks
 
 

@@ -182,6 +182,7 @@ def _meta_train(args: argparse.Namespace) -> int:
 
 
 def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
+    from medmeta_plugin.adapt import VOXEL_SAMPLES, AdaptBudget
     from medmeta_plugin.benchmarks.fewshot import METHODS
     from medmeta_plugin.benchmarks.suites import SUITES
 
@@ -195,6 +196,12 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--meta-backbone", default="sample_apps/backbone/backbone.safetensors")
     f.add_argument("--multitask-backbone", default="sample_apps/backbone/multitask.safetensors")
     f.add_argument("--tasks", nargs="+", help="only these tasks of the suite")
+    f.add_argument(
+        "--voxel-sample",
+        choices=VOXEL_SAMPLES,
+        default=AdaptBudget.voxel_sample,
+        help="head-mode voxel sample",
+    )
     f.add_argument("--out", type=Path, default=Path("results.json"))
     f.add_argument("--plot", type=Path, help="PNG of the metric against shots per method")
     f.set_defaults(func=_benchmark_fewshot)
@@ -227,6 +234,7 @@ def _benchmark_fewshot(args: argparse.Namespace) -> int:
         meta_backbone=args.meta_backbone,
         multitask_backbone=args.multitask_backbone,
         tasks=tuple(args.tasks) if args.tasks else None,
+        voxel_sample=args.voxel_sample,
     )
     results = run_benchmark(config)
     write_results(results, args.out)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from medmeta_plugin.adapt import AdaptBudget, adapt, classification_head_init, segmentation_head_init
+from medmeta_plugin.adapt.adaptation import _voxel_sample
 from medmeta_plugin.adapt.head_init import PROTOTYPE_MARGIN
 from medmeta_plugin.meta import task_score
 from medmeta_plugin.networks import ADAPTER_MODES, MetaModel
@@ -171,12 +172,80 @@ def test_invalid_support(tiny_model: MetaModel, support, kind: str, kwargs: dict
         adapt(tiny_model, support, kind, budget=FAST, **kwargs)
 
 
+def _masks(fg_counts: list[int], n_vox: int = 4096) -> torch.Tensor:
+    masks = torch.zeros(len(fg_counts), 1, n_vox)
+    for i, count in enumerate(fg_counts):
+        masks[i, 0, torch.randperm(n_vox, generator=torch.Generator().manual_seed(i))[:count]] = 1
+    return masks.view(len(fg_counts), 1, 16, 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("how", "fg_counts", "n", "fg_taken"),
+    [
+        ("stratified", [10, 0], 512, [10, 0]),  # a small structure: every foreground voxel
+        ("stratified", [3000, 40], 512, [256, 40]),  # a large one: half the sample
+        ("stratified", [4000], 512, [416]),  # 96 background voxels: all of them, foreground fills up
+        ("balanced", [10, 3000], 512, [10, 256]),
+    ],
+)
+def test_stratified_voxel_sample(how: str, fg_counts: list[int], n: int, fg_taken: list[int]) -> None:
+    masks = _masks(fg_counts)
+    index, weight = _voxel_sample(masks, n, how)
+    assert index.shape == (len(fg_counts), n)
+    flat = masks.view(len(fg_counts), -1)
+    for i, (count, taken) in enumerate(zip(fg_counts, fg_taken)):
+        assert len(set(index[i].tolist())) == n, "no voxel twice"
+        picked = flat[i, index[i]]
+        assert int(picked.sum()) == taken
+        if how == "stratified":
+            # Each stratum's weights add up to its population: the loss sums estimate whole-volume sums.
+            w = weight[i].view(-1)
+            assert float(w[picked > 0].sum()) == pytest.approx(count)
+            assert float(w[picked == 0].sum()) == pytest.approx(flat.shape[1] - count)
+    assert (weight is None) == (how == "balanced")
+
+
+def test_uniform_voxel_sample_keeps_the_foreground_fraction() -> None:
+    masks = _masks([400, 400])
+    index, weight = _voxel_sample(masks, 2048, "uniform")
+    assert weight is None and torch.equal(index[0], index[1])
+    assert 100 < int(masks.view(2, -1)[0, index[0]].sum()) < 300  # ~200 expected
+
+
+@pytest.mark.parametrize("how", ["uniform", "stratified", "balanced"])
+def test_head_mode_fits_whole_volumes_larger_than_the_sample(tiny_model: MetaModel, how: str) -> None:
+    support = blob_cases(2, seed=3, size=36)  # 46,656 voxels > HEAD_VOXELS
+    budget = AdaptBudget(steps=10, early_stopping=False, voxel_sample=how)
+    start, _ = adapt(tiny_model, support, "segmentation", "head", AdaptBudget(steps=0), name="b")
+    _, report = adapt(tiny_model, support, "segmentation", "head", budget, name="b")
+    from medmeta_plugin.adapt import stack_support
+    from medmeta_plugin.meta import task_loss
+
+    images, masks = stack_support(support, "segmentation", torch.device("cpu"))
+    tiny_model.attach(start)
+    with torch.no_grad():
+        start_loss = float(task_loss("segmentation", tiny_model(images, "b"), masks))
+    assert report.final_support_loss < start_loss
+
+
+def test_cached_features_must_match_the_support(tiny_model: MetaModel) -> None:
+    support = blob_cases(2, seed=0)
+    from medmeta_plugin.adapt import stack_support
+
+    images, _ = stack_support(support, "segmentation", torch.device("cpu"))
+    with torch.no_grad():
+        features = tiny_model.backbone(images[:1])
+    with pytest.raises(ValueError, match="do not belong to the support"):
+        adapt(tiny_model, support, "segmentation", "head", FAST, features=features)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
         ({"steps": -1}, "steps"),
         ({"lr": 0}, "lr"),
         ({"eval_every": 0}, "eval_every"),
+        ({"voxel_sample": "stratifed"}, "stratified"),
     ],
 )
 def test_invalid_budget(kwargs: dict, match: str) -> None:

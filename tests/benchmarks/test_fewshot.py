@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from medmeta_plugin.adapt import AdaptBudget, adapt
+from medmeta_plugin.benchmarks import fewshot
 from medmeta_plugin.benchmarks.fewshot import BenchmarkConfig, parse_methods, plot, run_benchmark, summarise
 from medmeta_plugin.benchmarks.splits import ABDOMEN_HELDOUT, BRAIN_HELDOUT, SYNTHETIC_HELDOUT_TASKS
 from medmeta_plugin.benchmarks.suites import build_suite, real_data_root
-from medmeta_plugin.networks import Backbone3D, BackboneConfig, save_backbone
+from medmeta_plugin.io import ImageMeta, write_image
+from medmeta_plugin.networks import Backbone3D, BackboneConfig, MetaModel, load_backbone, save_backbone
 
 TWO_TASKS = {
     "synthetic-heldout": SYNTHETIC_HELDOUT_TASKS[:2],
@@ -27,6 +32,103 @@ def backbones(tmp_path: Path) -> tuple[str, str]:
     meta = save_backbone(Backbone3D(config), tmp_path / "meta")
     multitask = save_backbone(Backbone3D(config), tmp_path / "multitask")
     return str(meta), str(multitask)
+
+
+# Odd shapes, so padding to the size divisor matters; the CT is longer than the 64-voxel crops of old and
+# has more voxels than HEAD_VOXELS (32768), so head mode draws its voxel sample from the whole volume.
+CT_SHAPE, MR_SHAPE = (69, 35, 29), (33, 27, 11)
+
+
+def _write_case(folder: Path, shape: tuple[int, int, int], seed: int) -> None:
+    """A tiny scan with two held-out abdominal structures, kidney_left (1) and gallbladder (2)."""
+    folder.mkdir(parents=True)
+    label = np.zeros((1, *shape), np.uint8)
+    x, y, z = (n // 2 for n in shape)
+    label[0, x - 6 : x - 1, y - 4 : y + 4, max(z - 4, 0) : z + 4] = 1
+    label[0, x + 2 : x + 6, y - 3 : y + 2, max(z - 3, 0) : z + 3] = 2
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=label.shape) + 2.0 * (label == 1) - 1.5 * (label == 2)
+    meta = ImageMeta.from_affine(np.diag([3.0, 3.0, 3.0, 1.0]), shape)
+    write_image(folder / "image.nii.gz", image.astype(np.float32), meta)
+    write_image(folder / "label.nii.gz", label, meta)
+    (folder / "labels.json").write_text(json.dumps({"1": "kidney_left", "2": "gallbladder"}))
+
+
+@pytest.fixture
+def real_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "real"
+    _write_case(root / "ct_abdomen_a", CT_SHAPE, seed=0)
+    _write_case(root / "mr_abdomen_d", MR_SHAPE, seed=1)
+    monkeypatch.setenv("MEDMETA_REAL_DATA", str(root))
+    return root
+
+
+def test_abdomen_suite_holds_whole_volumes_shared_by_its_tasks(real_root: Path) -> None:
+    tasks = build_suite("abdomen-ct-to-mr")
+    assert [t.name for t in tasks] == ["kidney_left", "gallbladder"]
+    for t in tasks:
+        assert all(tuple(it["image"].shape[1:]) == CT_SHAPE for it in t.support_pool)
+        assert [tuple(q["label"].shape[1:]) for q in t.query] == [MR_SHAPE]
+        assert float(t.query[0]["label"].sum()) > 0
+        assert all(t.draw_support(k, seed=2)[0] is t.support_pool[0] for k in (1, 3)), "the real CT first"
+    first, second = tasks
+    assert all(a["image"] is b["image"] for a, b in zip(first.support_pool, second.support_pool))
+    assert first.query[0]["image"] is second.query[0]["image"]
+    assert not torch.equal(first.support_pool[0]["label"], second.support_pool[0]["label"])
+
+
+def test_abdomen_benchmark_adapts_and_scores_on_whole_volumes(
+    real_root: Path, backbones: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    samples: set[str] = set()
+
+    def recording_adapt(model, support, kind, mode, budget, **kwargs):
+        seen.extend((mode, tuple(s["image"].shape)) for s in support)
+        if mode == "head":
+            samples.add(budget.voxel_sample)
+        return adapt(model, support, kind, mode, budget, **kwargs)
+
+    monkeypatch.setattr(fewshot, "adapt", recording_adapt)
+    config = BenchmarkConfig(
+        suite="abdomen-ct-to-mr",
+        shots=(1, 3),
+        seeds=1,
+        methods=("scratch", "meta+head"),
+        meta_backbone=backbones[0],
+        multitask_backbone=backbones[1],
+        head_steps=2,
+        steps=1,
+        voxel_sample="stratified",
+    )
+    records = run_benchmark(config, device="cpu")["records"]
+    divisor = load_backbone(backbones[0]).size_divisor
+    padded = tuple(-(-n // divisor) * divisor for n in CT_SHAPE)
+    assert {shape for _, shape in seen} == {(1, *padded)}, "support cases are whole padded volumes"
+    assert {mode for mode, _ in seen} == {"full", "head"} and samples == {"stratified"}
+    assert len(records) == 2 * 2 * 2 and all(0.0 <= r["value"] <= 1.0 for r in records)
+    assert all(r["adapt_seconds"] > 0 for r in records)
+
+
+def test_cached_query_features_score_like_a_whole_volume_forward(
+    real_root: Path, backbones: tuple[str, str]
+) -> None:
+    task = build_suite("abdomen-ct-to-mr")[0]
+    backbone = load_backbone(backbones[0]).eval()
+    model, divisor = MetaModel(backbone), backbone.size_divisor
+    support = fewshot._prepare_support(task.draw_support(3, seed=0), divisor)
+    adapter, _ = adapt(model, support, "segmentation", "head", AdaptBudget(steps=3), name="b")
+    model.attach(adapter)
+    cache = fewshot._FeatureCache(divisor)
+    direct = fewshot._score(model, task, "b", divisor)
+    assert fewshot._score(model, task, "b", divisor, (cache, "meta")) == pytest.approx(direct, abs=1e-6)
+    features, seconds = cache.support("meta", backbone, task.draw_support(3, seed=0))
+    assert features.features.shape[0] == 3 and seconds > 0
+    again, _ = adapt(
+        model, support, "segmentation", "head", AdaptBudget(steps=3), name="b", features=features
+    )
+    for (name, p), q in zip(adapter.named_parameters(), again.parameters()):
+        torch.testing.assert_close(p, q, msg=f"{name} differs with cached features")
 
 
 @pytest.mark.parametrize(
@@ -86,6 +188,7 @@ def test_support_draws_are_seeded_and_distinct() -> None:
     [
         (lambda: build_suite("synthetic-heldot"), "synthetic-heldout"),
         (lambda: parse_methods(["meta+lorra"]), "meta\\+lora"),
+        (lambda: BenchmarkConfig(suite="synthetic-heldout", voxel_sample="balance"), "balanced"),
         (
             lambda: run_benchmark(BenchmarkConfig(suite="synthetic-heldout", methods=("nope",))),
             "unknown methods",
