@@ -14,6 +14,7 @@ inference running meanwhile sees the old adapter or the new one, and a failed ad
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -42,7 +43,7 @@ from medmeta_plugin.networks import (
     load_backbone,
 )
 
-__all__ = ["Engine", "Example", "Segmentation", "mask_uncertainty"]
+__all__ = ["Engine", "Example", "Segmentation", "examples_fingerprint", "mask_uncertainty"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,22 @@ class Segmentation:
     names: dict[str, int]
     meta: Any
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def examples_fingerprint(examples: Sequence[Example]) -> list[str]:
+    """What an adapter was fitted on, as stored with it: image, label file version, value or target.
+
+    After a restart, a structure whose stored fingerprint differs from its current labels (a label arrived,
+    or was replaced, while the server was down or while it died mid-adaptation) is adapted again.
+    """
+    out = []
+    for ex in examples:
+        stamp = ""
+        if ex.label is not None and os.path.exists(ex.label):
+            stat = os.stat(ex.label)
+            stamp = f"{stat.st_mtime_ns}:{stat.st_size}"
+        out.append(f"{os.path.basename(ex.image)}|{stamp}|{ex.value}|{ex.target}")
+    return out
 
 
 def mask_uncertainty(probs: Iterable[torch.Tensor]) -> float | None:
@@ -191,6 +208,16 @@ class Engine:
         """A snapshot of the adapted tasks (of one kind), by name; later swaps do not affect it."""
         snapshot = dict(self.model.tasks.items())
         return {k: v for k, v in sorted(snapshot.items()) if kind is None or v.info.kind == kind}
+
+    def served_meta(self, task: str) -> dict[str, Any] | None:
+        """The stored metadata of the adapter version being served for ``task`` (None if none is)."""
+        version = self._loaded.get(task)
+        if version is None:
+            return None
+        try:
+            return json.loads((self.store.root / task / f"v{version:04d}.json").read_text())
+        except (OSError, ValueError):
+            return None
 
     def versions(self) -> dict[str, int]:
         """Store version of each adapter being served."""
@@ -420,7 +447,7 @@ class Engine:
         )
         staging = MetaModel(model.backbone)
         staging.attach(adapter)
-        extra = {"report": report.to_dict(), "images": [os.path.basename(ex.image) for ex in examples]}
+        extra = {"report": report.to_dict(), "examples": examples_fingerprint(examples)}
         with self._lock:
             if model is not self.model:
                 raise ValueError(f"the backbone changed while {name!r} was adapting; adapt it again.")

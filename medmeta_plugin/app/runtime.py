@@ -18,7 +18,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 from medmeta_plugin.app.config import AppConfig
 from medmeta_plugin.app.datastore import collect_examples, stored_submission
-from medmeta_plugin.app.engine import Engine
+from medmeta_plugin.app.engine import Engine, examples_fingerprint
 from medmeta_plugin.app.worker import AdaptationWorker
 
 __all__ = ["MedMetaRuntime"]
@@ -46,11 +46,16 @@ class MedMetaRuntime:
 
     # ----- adaptation --------------------------------------------------------------------------------------
     def start(self) -> list[str]:
-        """Start the worker and schedule every labelled task that has no adapter on this backbone yet."""
+        """Start the worker and schedule every labelled task whose served adapter was not fitted on exactly
+        its current labels (none yet on this backbone, or labels added or replaced since)."""
         self.worker.start()
-        known = set(self.engine.tasks())
-        missing = [t for t in collect_examples(self.datastore, self.config.label_map) if t not in known]
-        return self.worker.request(missing) if missing else []
+        stale = []
+        for task, entry in collect_examples(self.datastore, self.config.label_map).items():
+            meta = self.engine.served_meta(task)
+            used = entry.examples[-self.config.max_shots :]
+            if meta is None or meta.get("examples") != examples_fingerprint(used):
+                stale.append(task)
+        return self.worker.request(stale) if stale else []
 
     def refresh(self) -> None:
         """Pick up a train task's output; after a backbone change, re-adapt every labelled task on it."""
