@@ -3,7 +3,9 @@
 
 - ``POST /infer/{model}`` with ``params`` that are not a JSON object (MONAI Label: 500 from ``json.loads``);
 - ``POST /train/{model}`` for an unknown train task (MONAI Label: 200, then the train process fails);
-- ``POST /scoring/{method}`` for an unknown scoring method (likewise).
+- ``POST /scoring/{method}`` for an unknown scoring method (likewise);
+- ``PUT /datastore/label`` with ``params`` that are not a JSON object (MONAI Label: 500), or a ``tag`` that
+  is not a safe name (it becomes a folder name).
 
 Each guard has the same signature and the same authentication dependency as the route it stands in front
 of, checks the request, and then calls MONAI Label's own handler, so behaviour is otherwise unchanged. The
@@ -17,20 +19,34 @@ import json
 
 from fastapi import BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, UploadFile
 from monailabel.config import settings
+from monailabel.endpoints import datastore as datastore_endpoints
 from monailabel.endpoints import infer as infer_endpoints
 from monailabel.endpoints import scoring as scoring_endpoints
 from monailabel.endpoints import train as train_endpoints
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 
+from medmeta_plugin.names import validate_name
+
 __all__ = ["install_guards"]
 
 # FastAPI parameter declarations, made once (the same objects MONAI Label's routes declare inline).
 _PARAMS = Form("{}")
 _FILE = File(None)
+_REQUIRED_FILE = File(...)
 _USER = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))
 _ADMIN = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
 _ANNOTATOR = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
+
+
+def _json_object(params: str) -> None:
+    """Raise a 400 unless ``params`` is empty or a JSON object."""
+    try:
+        parsed = json.loads(params) if params else {}
+    except json.JSONDecodeError as err:
+        raise HTTPException(400, f"params is not valid JSON ({err.msg} at position {err.pos}).") from err
+    if not isinstance(parsed, dict):
+        raise HTTPException(400, f"params must be a JSON object, got {type(parsed).__name__}.")
 
 
 def _front(fastapi_app: FastAPI, count: int) -> None:
@@ -61,12 +77,7 @@ def install_guards(fastapi_app: FastAPI) -> None:
         output: infer_endpoints.ResultType | None = None,
         user: User = _USER,
     ):
-        try:
-            parsed = json.loads(params) if params else {}
-        except json.JSONDecodeError as err:
-            raise HTTPException(400, f"params is not valid JSON ({err.msg} at position {err.pos}).") from err
-        if not isinstance(parsed, dict):
-            raise HTTPException(400, f"params must be a JSON object, got {type(parsed).__name__}.")
+        _json_object(params)
         return infer_endpoints.run_inference(
             background_tasks, model, image, session_id, params, file, label, output
         )
@@ -95,11 +106,27 @@ def install_guards(fastapi_app: FastAPI) -> None:
             raise HTTPException(404, f"unknown scoring method {method!r}; scoring methods: {valid}.")
         return scoring_endpoints.run_method(method, params, run_sync)
 
-    for path, guard in (
-        (f"{prefix}/infer/{{model}}", infer_guard),
-        (f"{prefix}/train/{{model}}", train_guard),
-        (f"{prefix}/scoring/{{method}}", scoring_guard),
+    def label_guard(
+        background_tasks: BackgroundTasks,
+        image: str,
+        params: str = _PARAMS,
+        tag: str = "final",
+        label: UploadFile = _REQUIRED_FILE,
+        user: User = _ANNOTATOR,
     ):
-        fastapi_app.add_api_route(path, guard, methods=["POST"], include_in_schema=False)
-    _front(fastapi_app, 3)
+        _json_object(params)
+        try:
+            validate_name(tag or "final", "label tag")
+        except ValueError as err:
+            raise HTTPException(400, str(err)) from err
+        return datastore_endpoints.save_label(background_tasks, image, params, tag, label, user.username)
+
+    for path, guard, method in (
+        (f"{prefix}/infer/{{model}}", infer_guard, "POST"),
+        (f"{prefix}/train/{{model}}", train_guard, "POST"),
+        (f"{prefix}/scoring/{{method}}", scoring_guard, "POST"),
+        (f"{prefix}/datastore/label", label_guard, "PUT"),
+    ):
+        fastapi_app.add_api_route(path, guard, methods=[method], include_in_schema=False)
+    _front(fastapi_app, 4)
     fastapi_app.state.medmeta_guards = True

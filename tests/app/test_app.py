@@ -153,9 +153,15 @@ def test_refused_label_leaves_stored_label_untouched(app_client, studies, tmp_pa
     response = save_label(app_client, "a", studies["a"], [{"name": "ball", "idx": 1}])
     assert response.status_code == 400
     assert "[2]" in response.json()["detail"]
-    # Malformed label_info.
+    # Malformed label_info, params that are not JSON, a tag that would be a path.
     response = save_label(app_client, "a", studies["a"], [{"idx": 1}])
     assert response.status_code == 400
+    with open(studies["a"], "rb") as f:
+        files = {"label": ("a.nrrd", f.read())}
+    response = app_client.put("/datastore/label", params={"image": "a"}, files=files, data={"params": "{x"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["detail"]
+    response = app_client.put("/datastore/label", params={"image": "a", "tag": "../../x"}, files=files)
+    assert response.status_code == 400 and "label tag" in response.json()["detail"]
     # A file that is not an image at all.
     junk = tmp_path / "junk.nii.gz"
     junk.write_bytes(b"not an image")

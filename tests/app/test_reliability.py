@@ -84,3 +84,132 @@ def test_sigkill_during_adaptation_then_restart_loses_nothing(tmp_path: Path, st
     finally:
         process.terminate()
         process.wait(20)
+
+
+@pytest.mark.slow
+def test_bad_input_over_http_leaves_the_server_serving(tmp_path: Path, studies: dict) -> None:
+    """The bad-input table against a real server process: 4xx with a message, nothing stored changes."""
+    import io
+
+    import numpy as np
+    import requests
+
+    from medmeta_plugin.io import ImageMeta, write_dicom_series, write_image
+    from tests.app.conftest import GEOMETRIES, phantom
+
+    folder = studies["studies"]
+    image, _ = phantom(GEOMETRIES["ras"], 7)
+    broken = folder / "broken_series"
+    files = write_dicom_series(broken, np.round(image * 100).astype(np.int16), GEOMETRIES["ras"])
+    files[len(files) // 2].unlink()  # a missing slice
+    big = ImageMeta((3.0, 3.0, 3.0), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)), (40, 40, 40))
+    write_image(folder / "big.nii.gz", np.zeros((1, 40, 40, 40), np.float32), big)
+    nan = np.zeros((1, 8, 8, 8), np.float32)
+    nan[0, 1, 1, 1] = np.nan
+    nan_file = write_image(
+        tmp_path / "nan.nii.gz",
+        nan,
+        ImageMeta((1.0,) * 3, (0.0,) * 3, GEOMETRIES["ras"].direction, (8, 8, 8)),
+    )
+
+    app = tmp_path / "app"
+    shutil.copytree(REPO / "apps" / "medmeta", app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+    port, log = _free_port(), tmp_path / "server.log"
+    command, env = server_command(str(folder), app, "127.0.0.1", port, [["max_voxels", "20000"]])
+    env["MONAI_LABEL_DATASTORE_AUTO_RELOAD"] = "false"
+    with open(log, "a") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(url):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        label_info = json.dumps({"label_info": LABEL_INFO})
+        requests.put(
+            f"{url}/datastore/label",
+            params={"image": "a"},
+            files={"label": ("a.nrrd", io.BytesIO(studies["a"].read_bytes()))},
+            data={"params": label_info},
+            timeout=30,
+        ).raise_for_status()
+        snapshot = {
+            p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "datastore_v2.json"
+        }
+
+        def label(image: str, path: Path, params: str) -> requests.Response:
+            with open(path, "rb") as f:
+                return requests.put(
+                    f"{url}/datastore/label",
+                    params={"image": image},
+                    files={"label": (path.name, f)},
+                    data={"params": params},
+                    timeout=60,
+                )
+
+        cases = [
+            (lambda: label("a", studies["c"], label_info), 400, "geometry"),
+            (
+                lambda: label("a", studies["a"], json.dumps({"label_info": [{"name": "ball", "idx": 1}]})),
+                400,
+                "not named",
+            ),
+            (lambda: label("a", studies["a"], "{not json"), 400, "JSON"),
+            (
+                lambda: label("a", studies["a"], json.dumps({"label_info": [{"name": "../x", "idx": 1}]})),
+                400,
+                "invalid",
+            ),
+            (lambda: label("nope", studies["a"], label_info), 404, "nope"),
+            (lambda: label("a", nan_file, label_info), 400, "non-integer"),
+            (
+                lambda: requests.put(
+                    f"{url}/datastore/",
+                    params={"image": "../../x"},
+                    files={"file": ("x.nii.gz", io.BytesIO(b"junk"))},
+                    timeout=30,
+                ),
+                400,
+                "refused",
+            ),
+            (
+                lambda: requests.put(
+                    f"{url}/datastore/",
+                    params={"image": "nan_scan"},
+                    files={"file": ("x.nii.gz", io.BytesIO(nan_file.read_bytes()))},
+                    timeout=30,
+                ),
+                400,
+                "NaN",
+            ),
+            (
+                lambda: requests.post(f"{url}/infer/medmeta", params={"image": "broken_series"}, timeout=60),
+                400,
+                "broken_series",
+            ),
+            (
+                lambda: requests.post(f"{url}/infer/medmeta", params={"image": "big"}, timeout=60),
+                400,
+                "max_voxels",
+            ),
+            (lambda: requests.post(f"{url}/infer/nope", params={"image": "a"}, timeout=30), 404, "nope"),
+            (lambda: requests.post(f"{url}/train/nope", timeout=30), 404, "nope"),
+            (lambda: requests.post(f"{url}/activelearning/nope", timeout=30), 404, "nope"),
+        ]
+        # The structures must be adapted first, or inference answers "nothing adapted yet".
+        deadline = time.monotonic() + 60
+        while set(_info(port)["medmeta"]["adapters"]) != {"ball", "box"}:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        for call, status, needle in cases:
+            response = call()
+            assert response.status_code == status, (needle, response.status_code, response.text[:300])
+            assert needle in response.json()["detail"], (needle, response.text[:300])
+            assert _info(port)["name"] == "medmeta"  # still serving
+        after = {
+            p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "datastore_v2.json"
+        }
+        assert after == snapshot  # nothing stored changed
+    finally:
+        process.terminate()
+        process.wait(20)
