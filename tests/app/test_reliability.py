@@ -213,3 +213,54 @@ def test_bad_input_over_http_leaves_the_server_serving(tmp_path: Path, studies: 
     finally:
         process.terminate()
         process.wait(20)
+
+
+@pytest.mark.slow
+def test_with_authentication_enabled_the_app_endpoints_require_it(tmp_path: Path, studies: dict) -> None:
+    """MONAI Label's own authentication (Keycloak/OIDC bearer tokens): without a token, the app's endpoints
+    and its guard routes answer 401 like MONAI Label's own, before any medmeta check runs."""
+    import requests
+
+    app = tmp_path / "app"
+    shutil.copytree(REPO / "apps" / "medmeta", app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+    port, log = _free_port(), tmp_path / "server.log"
+    command, env = server_command(str(studies["studies"]), app, "127.0.0.1", port)
+    env.update({"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", "MONAI_LABEL_AUTH_ENABLE": "true"})
+    with open(log, "a") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                requests.get(f"{url}/info/", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.5)
+        with open(studies["a"], "rb") as f:
+            label = f.read()
+        calls = {
+            "info": lambda: requests.get(f"{url}/info/", timeout=10),
+            "datastore (MONAI Label's)": lambda: requests.get(f"{url}/datastore/?output=all", timeout=10),
+            "infer medmeta": lambda: requests.post(f"{url}/infer/medmeta", params={"image": "a"}, timeout=10),
+            "infer unknown model": lambda: requests.post(
+                f"{url}/infer/nope", params={"image": "a"}, timeout=10
+            ),
+            "save label": lambda: requests.put(
+                f"{url}/datastore/label",
+                params={"image": "a"},
+                files={"label": ("a.nrrd", label)},
+                timeout=10,
+            ),
+            "train medmeta_adapt": lambda: requests.post(f"{url}/train/medmeta_adapt", timeout=10),
+            "train unknown": lambda: requests.post(f"{url}/train/nope", timeout=10),
+            "scoring": lambda: requests.post(f"{url}/scoring/medmeta_uncertainty", timeout=10),
+            "strategy": lambda: requests.post(f"{url}/activelearning/medmeta_uncertainty", timeout=10),
+        }
+        answers = {name: call().status_code for name, call in calls.items()}
+        assert answers == {name: 401 for name in calls}, answers
+        assert not (studies["studies"] / "labels" / "final" / "a.nrrd").exists()
+    finally:
+        process.terminate()
+        process.wait(20)
