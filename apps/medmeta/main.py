@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +125,21 @@ class MedMetaApp(MONAILabelApp):
             raise HTTPException(404, f"unknown model {model!r}; models: {sorted(self._infers)}.")
         image = request.get("image")
         store = datastore or self.datastore()
-        if isinstance(image, str) and not os.path.exists(image) and not store.get_image_uri(image):
+        if isinstance(image, str) and not store.get_image_uri(image) and not self._served_file(image):
+            # A path is served only when the server itself put it there (an uploaded file or a session's
+            # scan), never because a client named it: `image=/etc/...` must not read the server's disk.
             raise HTTPException(404, f"image {image!r} is not in the datastore.")
         return super().infer(request, datastore)
+
+    def _served_file(self, path: str) -> bool:
+        """True for a file of an infer upload (MONAI Label's temporary file) or of a session."""
+        if not os.path.isfile(path):
+            return False
+        real = Path(os.path.realpath(path))
+        upload = real.parent == Path(os.path.realpath(tempfile.gettempdir())) and real.name.startswith("tmp")
+        sessions = getattr(self._sessions, "store_path", None)
+        session = bool(sessions) and real.is_relative_to(os.path.realpath(sessions))
+        return upload or session
 
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         strategy = request.get("strategy") or "random"

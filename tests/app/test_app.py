@@ -11,7 +11,7 @@ import pytest
 from requests_toolbelt.multipart import decoder
 
 from medmeta_plugin.io import read_image, write_image
-from tests.app.conftest import GEOMETRIES, phantom, save_label, wait_adapted
+from tests.app.conftest import GEOMETRIES, REPO, phantom, save_label, wait_adapted
 
 SLICER_INFO = [{"name": "ball", "idx": 1}, {"name": "box", "idx": 2}]
 
@@ -119,6 +119,13 @@ def test_ohif_infer_output_image(app_client, studies) -> None:
     [
         (lambda c: c.post("/infer/medmeta", params={"image": "missing"}), 404, "missing"),
         (lambda c: c.post("/infer/unknown_model", params={"image": "a"}), 404, "unknown_model"),
+        # A server-side path named by the client is not served (only uploads and sessions are).
+        (lambda c: c.post("/infer/medmeta", params={"image": str(REPO / "README.md")}), 404, "README.md"),
+        (
+            lambda c: c.post("/infer/medmeta?image=a", data={"params": '{"image": "/etc/hostname"}'}),
+            404,
+            "/etc",
+        ),
         (lambda c: c.post("/infer/medmeta", params={"image": "a"}), 400, "no structure has been adapted"),
         (lambda c: c.post("/activelearning/no_such_strategy"), 404, "no_such_strategy"),
         (lambda c: c.post("/train/no_such_trainer"), 404, "no_such_trainer"),
@@ -278,3 +285,15 @@ def test_label_bin_of_the_wrong_size_is_refused(app_client, studies) -> None:
     assert response.status_code == 400
     assert "one uint8 per voxel" in response.json()["detail"]
     assert not (studies["studies"] / "labels" / "final" / "b.nii.gz").exists()
+
+
+def test_infer_on_an_uploaded_file(app_client, studies) -> None:
+    # Inference on a scan sent with the request (not in the datastore): MONAI Label's temporary file.
+    save_label(app_client, "a", studies["a"], SLICER_INFO)
+    wait_adapted(app_client, ["ball", "box"])
+    body = (studies["studies"] / "c.nii.gz").read_bytes()
+    response = app_client.post(
+        "/infer/medmeta", params={"output": "json"}, files={"file": ("scan.nii.gz", io.BytesIO(body))}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["label_names"] == {"ball": 1, "box": 2}
