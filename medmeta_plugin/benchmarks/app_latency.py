@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from medmeta_plugin.benchmarks.splits import ABDOMEN_HELDOUT
 
@@ -203,7 +204,8 @@ def run_app_benchmark(
                 process.wait(20)
             except subprocess.TimeoutExpired:
                 process.kill()
-    for record in records if scratch_steps > 0 else []:
+    baseline = records if scratch_steps > 0 else []
+    for record in tqdm(baseline, desc=f"scratch baseline ({scratch_steps} steps)"):
         name = record["structure"]
         path = labels / f"{name}.nii.gz"
         result, seconds = scratch_baseline(studies / "ct.nii.gz", path, studies / "mr.nii.gz", scratch_steps)
