@@ -297,3 +297,28 @@ def test_infer_on_an_uploaded_file(app_client, studies) -> None:
     )
     assert response.status_code == 200, response.text
     assert response.json()["label_names"] == {"ball": 1, "box": 2}
+
+
+def test_failed_adaptation_is_reported_and_the_previous_adapter_serves(app_client, studies) -> None:
+    save_label(app_client, "a", studies["a"], SLICER_INFO)
+    wait_adapted(app_client, ["ball", "box"])
+    # The stored label of scan a is damaged on disk; the next adaptation of "ball" reads it and fails.
+    stored = studies["studies"] / "labels" / "final" / "a.nrrd"
+    stored.write_bytes(b"NRRD0004\ndamaged")
+    assert (
+        save_label(
+            app_client, "b", studies["b"], [{"name": "ball", "idx": 1}, {"name": "box", "idx": 2}]
+        ).status_code
+        == 200
+    )
+    status = wait_adapted(app_client, ["ball", "box"])
+    ball = status["adaptation"]["tasks"]["ball"]
+    assert ball["state"] == "failed" and "a.nrrd" in ball["error"]
+    assert status["adapters"]["ball"]["version"] == 1  # the previous adapter still serves
+    response = app_client.post("/infer/medmeta", params={"image": "c", "output": "json"})
+    assert response.status_code == 200 and "ball" in response.json()["label_names"]
+    # The next submission (a good label on a again) adapts normally.
+    assert save_label(app_client, "a", studies["a"], SLICER_INFO).status_code == 200
+    status = wait_adapted(app_client, ["ball", "box"])
+    assert status["adaptation"]["tasks"]["ball"]["state"] == "ready"
+    assert status["adapters"]["ball"]["version"] == 2
