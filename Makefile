@@ -37,3 +37,8 @@ clean:
 # The demo: a MONAI Label server on the sample scans with the shipped backbone (see README, Quick start).
 demo: install
 	$(BIN)/medmeta demo
+
+# The clinical stack (Orthanc + DICOMweb from Debian's packages); see the README.
+test-stack: install
+	command -v Orthanc >/dev/null || (apt-get update -qq && apt-get install -y -qq orthanc orthanc-dicomweb)
+	$(BIN)/python -m pytest -q -m stack
