@@ -77,6 +77,11 @@ class MedMetaApp(MONAILabelApp):
         self.runtime = MedMetaRuntime(self.config, self.model_dir, datastore)
         return datastore
 
+    def _download_dcmqi_tools(self) -> None:
+        # MONAI Label fetches dcmqi from GitHub whenever the studies are DICOMweb; there is no network at run
+        # time, and a failed download stops the server. DICOM SEG is written with pydicom-seg instead.
+        logger.info("medmeta: not downloading dcmqi (no network at run time); DICOM SEG via pydicom-seg")
+
     def init_infers(self) -> dict[str, InferTask]:
         return {"medmeta": SegmentationInfer(self.runtime), "medmeta_volume": VolumeInfer(self.runtime)}
 

@@ -30,3 +30,42 @@ def test_sample_studies_are_served_over_dicomweb(tmp_path: Path) -> None:
         # Remote access is off and only loopback was used.
         assert server.config()["RemoteAccessAllowed"] is False
     assert server.process is None
+
+
+def test_the_app_serves_orthanc_studies_over_dicomweb_offline(tmp_path: Path) -> None:
+    # MONAI Label's DICOMweb datastore downloads dcmqi from GitHub at start; the app must start without it.
+    import json
+    import shutil
+    import subprocess
+    import time
+    import urllib.request
+
+    from medmeta_plugin.cli.serve import DEFAULT_APP, server_command
+    from medmeta_plugin.stack.orthanc import free_port
+
+    with OrthancServer(tmp_path / "orthanc") as orthanc:
+        uids = load_sample_studies(orthanc, tmp_path / "dicom")
+        app = tmp_path / "app"
+        shutil.copytree(DEFAULT_APP, app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+        port = free_port()
+        command, env = server_command(orthanc.dicomweb, app, "127.0.0.1", port)
+        env["MONAI_LABEL_DICOMWEB_SEARCH_FILTER"] = "{}"
+        with open(tmp_path / "server.log", "w") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 120
+            info = None
+            while info is None:
+                try:
+                    info = json.loads(
+                        urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=2).read()
+                    )
+                except OSError:
+                    log_tail = (tmp_path / "server.log").read_text()[-3000:]
+                    assert process.poll() is None and time.monotonic() < deadline, log_tail
+                    time.sleep(0.5)
+            assert info["datastore"]["total"] == len(uids)
+            assert "medmeta" in info["models"]
+        finally:
+            process.terminate()
+            process.wait(20)
