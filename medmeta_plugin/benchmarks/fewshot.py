@@ -56,6 +56,9 @@ __all__ = [
     "write_results",
 ]
 
+# The shipped backbones, found from the package so the benchmark runs from any folder.
+SHIPPED = Path(__file__).resolve().parents[2] / "sample_apps" / "backbone"
+
 METHODS = ("scratch", *(f"multitask+{m}" for m in ADAPTER_MODES), *(f"meta+{m}" for m in ADAPTER_MODES))
 
 
@@ -82,8 +85,8 @@ class BenchmarkConfig:
     shots: tuple[int, ...] = (1, 3, 5)
     seeds: int = 3
     methods: tuple[str, ...] = METHODS
-    meta_backbone: str = "sample_apps/backbone/backbone.safetensors"
-    multitask_backbone: str = "sample_apps/backbone/multitask.safetensors"
+    meta_backbone: str = str(SHIPPED / "backbone.safetensors")
+    multitask_backbone: str = str(SHIPPED / "multitask.safetensors")
     head_steps: int = 30
     steps: int = 10
     tasks: tuple[str, ...] | None = None

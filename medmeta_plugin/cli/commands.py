@@ -183,7 +183,7 @@ def _meta_train(args: argparse.Namespace) -> int:
 
 def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     from medmeta_plugin.adapt import VOXEL_SAMPLES, AdaptBudget
-    from medmeta_plugin.benchmarks.fewshot import METHODS
+    from medmeta_plugin.benchmarks.fewshot import METHODS, SHIPPED
     from medmeta_plugin.benchmarks.suites import SUITES
 
     p = subparsers.add_parser("benchmark", help="benchmarks that print figures")
@@ -193,8 +193,8 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--shots", type=int, nargs="+", default=[1, 3, 5])
     f.add_argument("--seeds", type=int, default=3)
     f.add_argument("--methods", nargs="+", default=["all"], help=f"'all' or some of: {' '.join(METHODS)}")
-    f.add_argument("--meta-backbone", default="sample_apps/backbone/backbone.safetensors")
-    f.add_argument("--multitask-backbone", default="sample_apps/backbone/multitask.safetensors")
+    f.add_argument("--meta-backbone", default=str(SHIPPED / "backbone.safetensors"))
+    f.add_argument("--multitask-backbone", default=str(SHIPPED / "multitask.safetensors"))
     f.add_argument("--tasks", nargs="+", help="only these tasks of the suite")
     f.add_argument(
         "--voxel-sample",
@@ -206,7 +206,7 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--plot", type=Path, help="PNG of the metric against shots per method")
     f.set_defaults(func=_benchmark_fewshot)
     s = inner.add_parser("adapt-speed", help="seconds per adaptation for each adapter mode, side by side")
-    s.add_argument("--backbone", default="sample_apps/backbone/backbone.safetensors")
+    s.add_argument("--backbone", default=str(SHIPPED / "backbone.safetensors"))
     s.add_argument("--shots", type=int, default=5)
     s.add_argument("--size", type=int, default=64, help="edge of the cubic support volumes (default 64)")
     s.add_argument("--modes", nargs="+", default=["head", "film", "lora", "full"])
