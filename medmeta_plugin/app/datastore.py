@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,46 +103,70 @@ class MedMetaDatastore(LocalDatastore):
         self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]
     ) -> str:
         """Validate, then store, a label; a refused one raises ``HTTPException`` (404, 400), stores none."""
-        obj = self._datastore.objects.get(image_id)
-        if obj is None:
+        if self._datastore.objects.get(image_id) is None:
             raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore.")
-        image_uri = self.get_image_uri(image_id)
-        converted = None
+        with validated_label(
+            image_id, self.get_image_uri(image_id), label_filename, label_info, self._fallback
+        ) as (
+            path,
+            info,
+        ):
+            label_id = super().save_label(image_id, path, label_tag, info)
+        self.last_tags[image_id] = label_tag
+        return label_id
+
+
+def _bin_to_nifti(image_uri: str, label_filename: str) -> str:
+    """OHIF's raw label bytes -> a NIfTI label on the image's grid (MONAI Label's converter's layout)."""
+    import numpy as np
+
+    from medmeta_plugin.io import write_image
+
+    _, meta = read_image(image_uri)
+    raw = np.fromfile(label_filename, dtype=np.uint8)
+    if raw.size != int(np.prod(meta.shape)):
+        raise ValueError(
+            f"label.bin holds {raw.size} bytes, the image has {int(np.prod(meta.shape))} voxels "
+            f"{tuple(meta.shape)}; one uint8 per voxel is expected."
+        )
+    # OHIF writes the volume slice by slice, x fastest: Fortran order of the (X, Y, Z) array.
+    label = raw.reshape(meta.shape, order="F")[None]
+    folder = tempfile.mkdtemp(prefix="medmeta-bin-")
+    return str(write_image(Path(folder) / "label.nii.gz", label, meta))
+
+
+@contextlib.contextmanager
+def validated_label(
+    image_id: str,
+    image_uri: str,
+    label_filename: str,
+    label_info: dict[str, Any] | None,
+    fallback: Mapping[str, int],
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Check a submitted label against its image before anything is stored.
+
+    Yields:
+        The label file to store (OHIF's ``label.bin`` converted to NIfTI) and the label info with the parsed
+        submission under ``"medmeta"``.
+
+    Raises:
+        HTTPException: 400 naming the problem (the context body does not run).
+    """
+    converted = None
+    try:
         try:
             if str(label_filename).endswith(".bin"):
-                converted = self._bin_to_nifti(image_uri, label_filename)
+                converted = _bin_to_nifti(image_uri, label_filename)
                 label_filename = converted
-            submission = parse_label_params(label_info, self._fallback)
+            submission = parse_label_params(label_info, fallback)
             _, image_meta = read_image(image_uri)
             _, submission = validate_label_file(label_filename, image_meta, submission)
-            info = {**(label_info or {}), "medmeta": submission.to_json()}
-            label_id = super().save_label(image_id, label_filename, label_tag, info)
-            self.last_tags[image_id] = label_tag
-            return label_id
         except ValueError as err:
             raise HTTPException(400, f"label for image {image_id!r} refused: {err}") from err
-        finally:
-            if converted is not None:
-                shutil.rmtree(Path(converted).parent, ignore_errors=True)
-
-    @staticmethod
-    def _bin_to_nifti(image_uri: str, label_filename: str) -> str:
-        """OHIF's raw label bytes -> a NIfTI label on the image's grid (MONAI Label's converter's layout)."""
-        import numpy as np
-
-        from medmeta_plugin.io import write_image
-
-        _, meta = read_image(image_uri)
-        raw = np.fromfile(label_filename, dtype=np.uint8)
-        if raw.size != int(np.prod(meta.shape)):
-            raise ValueError(
-                f"label.bin holds {raw.size} bytes, the image has {int(np.prod(meta.shape))} voxels "
-                f"{tuple(meta.shape)}; one uint8 per voxel is expected."
-            )
-        # OHIF writes the volume slice by slice, x fastest: Fortran order of the (X, Y, Z) array.
-        label = raw.reshape(meta.shape, order="F")[None]
-        folder = tempfile.mkdtemp(prefix="medmeta-bin-")
-        return str(write_image(Path(folder) / "label.nii.gz", label, meta))
+        yield label_filename, {**(label_info or {}), "medmeta": submission.to_json()}
+    finally:
+        if converted is not None:
+            shutil.rmtree(Path(converted).parent, ignore_errors=True)
 
 
 def stored_submission(
