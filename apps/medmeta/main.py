@@ -28,6 +28,7 @@ from monailabel.tasks.activelearning.random import Random
 import medmeta_plugin
 from medmeta_plugin.app.config import parse_conf
 from medmeta_plugin.app.datastore import MedMetaDatastore
+from medmeta_plugin.app.dicomweb import MedMetaDICOMWebDatastore
 from medmeta_plugin.app.infer_task import SegmentationInfer, VolumeInfer
 from medmeta_plugin.app.routes import install_guards
 from medmeta_plugin.app.runtime import MedMetaRuntime
@@ -65,7 +66,7 @@ class MedMetaApp(MONAILabelApp):
     # ----- MONAI Label's init hooks (called by MONAILabelApp.__init__, in this order) -----------------------
     def init_datastore(self) -> Any:
         if self.studies.startswith(("http://", "https://")):
-            datastore = super().init_datastore()
+            datastore = self._dicomweb_datastore()
         else:
             datastore = MedMetaDatastore(
                 self.studies,
@@ -81,6 +82,28 @@ class MedMetaApp(MONAILabelApp):
         # MONAI Label fetches dcmqi from GitHub whenever the studies are DICOMweb; there is no network at run
         # time, and a failed download stops the server. DICOM SEG is written with pydicom-seg instead.
         logger.info("medmeta: not downloading dcmqi (no network at run time); DICOM SEG via pydicom-seg")
+
+    def _dicomweb_datastore(self) -> Any:
+        """MONAI Label's DICOMweb datastore settings, with the app's datastore class (see its module)."""
+        from monailabel.datastore.dicom import DICOMwebClientX
+
+        self.studies = self.studies.rstrip("/").strip()
+        client = DICOMwebClientX(
+            url=self.studies,
+            session=None,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
+        cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
+        return MedMetaDICOMWebDatastore(
+            fallback_labels=self.config.label_map,
+            client=client,
+            search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+            cache_path=cache or None,
+            fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+            convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI,
+        )
 
     def init_infers(self) -> dict[str, InferTask]:
         return {"medmeta": SegmentationInfer(self.runtime), "medmeta_volume": VolumeInfer(self.runtime)}

@@ -32,15 +32,23 @@ def test_sample_studies_are_served_over_dicomweb(tmp_path: Path) -> None:
     assert server.process is None
 
 
-def test_the_app_serves_orthanc_studies_over_dicomweb_offline(tmp_path: Path) -> None:
-    # MONAI Label's DICOMweb datastore downloads dcmqi from GitHub at start; the app must start without it.
+def test_label_saved_over_dicomweb_becomes_a_seg_and_adapts(tmp_path: Path) -> None:
+    """The app on Orthanc's DICOMweb (started offline: MONAI Label would download dcmqi): a label saved as 3D
+    Slicer does is validated, stored in Orthanc as a DICOM SEG that references the CT series, adapted, and
+    the structure is segmented on the MR series of the other patient."""
     import json
     import shutil
     import subprocess
     import time
     import urllib.request
 
+    import numpy as np
+    from dicomweb_client.api import DICOMwebClient
+    from monailabel.client import MONAILabelClient
+
+    from medmeta_plugin.benchmarks.app_latency import _structure_masks
     from medmeta_plugin.cli.serve import DEFAULT_APP, server_command
+    from medmeta_plugin.io import read_image, write_image
     from medmeta_plugin.stack.orthanc import free_port
 
     with OrthancServer(tmp_path / "orthanc") as orthanc:
@@ -50,22 +58,49 @@ def test_the_app_serves_orthanc_studies_over_dicomweb_offline(tmp_path: Path) ->
         port = free_port()
         command, env = server_command(orthanc.dicomweb, app, "127.0.0.1", port)
         env["MONAI_LABEL_DICOMWEB_SEARCH_FILTER"] = "{}"
+        env["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(tmp_path / "cache")
         with open(tmp_path / "server.log", "w") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        url = f"http://127.0.0.1:{port}"
+
+        def info() -> dict | None:
+            try:
+                with urllib.request.urlopen(f"{url}/info/", timeout=5) as response:
+                    return json.loads(response.read())
+            except OSError:
+                return None
+
         try:
             deadline = time.monotonic() + 120
-            info = None
-            while info is None:
-                try:
-                    info = json.loads(
-                        urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=2).read()
-                    )
-                except OSError:
-                    log_tail = (tmp_path / "server.log").read_text()[-3000:]
-                    assert process.poll() is None and time.monotonic() < deadline, log_tail
-                    time.sleep(0.5)
-            assert info["datastore"]["total"] == len(uids)
-            assert "medmeta" in info["models"]
+            while (first := info()) is None:
+                assert process.poll() is None and time.monotonic() < deadline, (
+                    tmp_path / "server.log"
+                ).read_text()[-3000:]
+                time.sleep(0.5)
+            assert first["datastore"]["total"] == len(uids)
+            # The kidney labelled on the CT series, on the grid of that series as it was written.
+            ct_label, _, names = _structure_masks("ct_abdomen_a")
+            _, series_meta = read_image(tmp_path / "dicom" / "ct_abdomen_a")
+            mask = (ct_label == names["kidney_left"]).astype(np.uint8)
+            label = write_image(tmp_path / "kidney.nrrd", mask, series_meta)
+            client = MONAILabelClient(url, tmpdir=str(tmp_path))
+            ct, mr = uids["ct_abdomen_a"], uids["mr_abdomen_d"]
+            client.save_label(ct, str(label), params={"label_info": [{"name": "kidney_left", "idx": 1}]})
+            # The SEG is in Orthanc and references the CT series.
+            pacs = DICOMwebClient(url=orthanc.dicomweb)
+            segs = pacs.search_for_series(search_filters={"Modality": "SEG"})
+            assert len(segs) == 1
+            seg_study, seg_series = segs[0]["0020000D"]["Value"][0], segs[0]["0020000E"]["Value"][0]
+            (seg,) = pacs.retrieve_series(seg_study, seg_series)
+            assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct
+            assert [s.SegmentLabel for s in seg.SegmentSequence] == ["kidney_left"]
+            # Adapted, and served on the MR series of the other patient.
+            deadline = time.monotonic() + 120
+            while "kidney_left" not in (info() or {}).get("medmeta", {}).get("adapters", {}):
+                assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+            _, params = client.infer("medmeta", mr, {"result_extension": ".nii.gz"})
+            assert params["label_names"] == {"kidney_left": 1}
         finally:
             process.terminate()
             process.wait(20)

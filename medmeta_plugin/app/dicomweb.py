@@ -1,0 +1,81 @@
+"""The app's DICOMweb datastore: MONAI Label's, with labels validated first and DICOM SEG written in Python.
+
+MONAI Label 0.8.5 writes DICOM SEG through dcmqi's ``itkimage2segimage`` binary, which it downloads from
+GitHub at start (no network at run time here, and Debian has no dcmqi package). This datastore writes the
+SEG with pydicom-seg instead (MONAI Label's own converter, its pure-Python branch), stores it back in the
+PACS, and keeps the validated label and its parsed names locally, where adaptation reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.datastore.dicom import DICOMWebDatastore
+from monailabel.datastore.local import LocalDatastore
+from monailabel.datastore.utils.convert import nifti_to_dicom_seg
+from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+from medmeta_plugin.app.datastore import validated_label
+
+__all__ = ["MedMetaDICOMWebDatastore"]
+
+logger = logging.getLogger(__name__)
+
+
+class MedMetaDICOMWebDatastore(DICOMWebDatastore):
+    """MONAI Label's DICOMweb datastore with validated labels and DICOM SEG through pydicom-seg.
+
+    Args:
+        fallback_labels: ``{name: value}`` for labels submitted without ``label_info``.
+        **kwargs: passed to :class:`DICOMWebDatastore` (``client``, ``search_filter``, ``cache_path``, ...).
+    """
+
+    def __init__(self, fallback_labels: Mapping[str, int] | None = None, **kwargs: Any) -> None:
+        self._fallback = dict(fallback_labels or {})
+        self.last_tags: dict[str, str] = {}
+        super().__init__(**kwargs)
+
+    def save_label(
+        self,
+        image_id: str,
+        label_filename: str,
+        label_tag: str,
+        label_info: dict[str, Any],
+        label_id: str = "",
+    ) -> str:
+        """Validate the label; for a final one, store it in the PACS as DICOM SEG; keep it locally."""
+        if image_id not in self.list_images():
+            raise HTTPException(404, f"image {image_id!r} is not in the DICOMweb datastore.")
+        image_uri = self.get_image_uri(image_id)
+        with validated_label(image_id, image_uri, label_filename, label_info, self._fallback) as (path, info):
+            if label_tag == DefaultLabelTag.FINAL.value:
+                structures = info["medmeta"]["structures"]
+                segments = [
+                    {"name": n, "idx": v} for n, v in sorted(structures.items(), key=lambda kv: kv[1])
+                ]
+                series_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
+                seg = nifti_to_dicom_seg(series_dir, path, segments, use_itk=False)
+                if seg:
+                    info["SeriesInstanceUID"] = dicom_web_upload_dcm(seg, self._client)
+                    info["ReferencedSeriesInstanceUID"] = image_id
+                    os.unlink(seg)
+            label_id = LocalDatastore.save_label(self, image_id, path, label_tag, info)
+        self.last_tags[image_id] = label_tag
+        return label_id
+
+    def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
+        """Images with a label stored through this app, and those MONAI Label finds as SEG in the PACS."""
+        local = LocalDatastore.get_labeled_images(self, label_tag, labels)
+        return sorted(set(local) | set(super().get_labeled_images(label_tag, labels)))
+
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """The label stored through this app (local file), else MONAI Label's (downloaded from the PACS)."""
+        local = LocalDatastore.get_label_uri(self, label_id, label_tag)
+        if local and os.path.isfile(local):
+            return local
+        return super().get_label_uri(label_id, label_tag, image_id)
