@@ -58,8 +58,7 @@ class MedMetaDICOMWebDatastore(DICOMWebDatastore):
                 segments = [
                     {"name": n, "idx": v} for n, v in sorted(structures.items(), key=lambda kv: kv[1])
                 ]
-                series_dir = os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
-                seg = nifti_to_dicom_seg(series_dir, path, segments, use_itk=False)
+                seg = nifti_to_dicom_seg(self.series_dir(image_id), path, segments, use_itk=False)
                 if seg:
                     info["SeriesInstanceUID"] = dicom_web_upload_dcm(seg, self._client)
                     info["ReferencedSeriesInstanceUID"] = image_id
@@ -67,6 +66,11 @@ class MedMetaDICOMWebDatastore(DICOMWebDatastore):
             label_id = LocalDatastore.save_label(self, image_id, path, label_tag, info)
         self.last_tags[image_id] = label_tag
         return label_id
+
+    def series_dir(self, image_id: str) -> str:
+        """The cached folder of a series' DICOM files (downloaded on first use)."""
+        self.get_image_uri(image_id)
+        return os.path.realpath(os.path.join(self._datastore.image_path(), image_id))
 
     def get_labeled_images(self, label_tag: str | None = None, labels: list[str] | None = None) -> list[str]:
         """Images with a label stored through this app, and those MONAI Label finds as SEG in the PACS."""

@@ -4,6 +4,8 @@
 - ``POST /infer/{model}`` with ``params`` that are not a JSON object (MONAI Label: 500 from ``json.loads``);
 - ``POST /train/{model}`` for an unknown train task (MONAI Label: 200, then the train process fails);
 - ``POST /scoring/{method}`` for an unknown scoring method (likewise);
+- ``POST /infer/{model}?output=dicom_seg``, which MONAI Label answers through dcmqi (absent here): written
+  with pydicom-seg instead;
 - ``PUT /datastore/label`` with ``params`` that are not a JSON object (MONAI Label: 500), or a ``tag`` that
   is not a safe name (it becomes a folder name).
 
@@ -16,8 +18,10 @@ safe after start-up, where middleware could no longer be added).
 # No ``from __future__ import annotations``: FastAPI reads these signatures' annotations at run time.
 
 import json
+import os
 
 from fastapi import BackgroundTasks, Depends, FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import FileResponse
 from monailabel.config import settings
 from monailabel.endpoints import datastore as datastore_endpoints
 from monailabel.endpoints import infer as infer_endpoints
@@ -39,14 +43,43 @@ _ADMIN = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))
 _ANNOTATOR = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR))
 
 
-def _json_object(params: str) -> None:
-    """Raise a 400 unless ``params`` is empty or a JSON object."""
+def _json_object(params: str) -> dict:
+    """``params`` as a dict; a 400 unless it is empty or a JSON object."""
     try:
         parsed = json.loads(params) if params else {}
     except json.JSONDecodeError as err:
         raise HTTPException(400, f"params is not valid JSON ({err.msg} at position {err.pos}).") from err
     if not isinstance(parsed, dict):
         raise HTTPException(400, f"params must be a JSON object, got {type(parsed).__name__}.")
+    return parsed
+
+
+def _dicom_seg(background_tasks: BackgroundTasks, model: str, image: str, params: dict):
+    """``output=dicom_seg``: the label map as a DICOM SEG of the DICOMweb series it was computed for.
+
+    MONAI Label's own path writes SEG with dcmqi's binary (downloaded from the internet, not in Debian); this
+    writes it with pydicom-seg (MONAI Label's converter, its Python branch), naming the segments from the
+    response's ``label_names``.
+    """
+    from monailabel.datastore.utils.convert import nifti_to_dicom_seg
+    from monailabel.utils.others.generic import remove_file
+
+    from medmeta_plugin.app.dicomweb import MedMetaDICOMWebDatastore
+
+    instance = app_instance()
+    datastore = instance.datastore()
+    if not isinstance(datastore, MedMetaDICOMWebDatastore):
+        raise HTTPException(400, "output=dicom_seg needs DICOMweb studies (a DICOM SEG references a series).")
+    result = instance.infer({**params, "model": model, "image": image})
+    labels = result.get("file") or result.get("label")
+    names = (result.get("params") or {}).get("label_names", {})
+    segments = [{"name": n, "idx": v} for n, v in sorted(names.items(), key=lambda kv: kv[1])]
+    seg = nifti_to_dicom_seg(datastore.series_dir(image), labels, segments, use_itk=False)
+    background_tasks.add_task(remove_file, labels)
+    if not seg:
+        raise HTTPException(400, "the result holds no segment to write as DICOM SEG.")
+    background_tasks.add_task(remove_file, seg)
+    return FileResponse(seg, media_type="application/dicom", filename=os.path.basename(seg))
 
 
 def _front(fastapi_app: FastAPI, count: int) -> None:
@@ -77,7 +110,9 @@ def install_guards(fastapi_app: FastAPI) -> None:
         output: infer_endpoints.ResultType | None = None,
         user: User = _USER,
     ):
-        _json_object(params)
+        parsed = _json_object(params)
+        if output == infer_endpoints.ResultType.dicom_seg:
+            return _dicom_seg(background_tasks, model, image, parsed)
         return infer_endpoints.run_inference(
             background_tasks, model, image, session_id, params, file, label, output
         )

@@ -36,6 +36,7 @@ def test_label_saved_over_dicomweb_becomes_a_seg_and_adapts(tmp_path: Path) -> N
     """The app on Orthanc's DICOMweb (started offline: MONAI Label would download dcmqi): a label saved as 3D
     Slicer does is validated, stored in Orthanc as a DICOM SEG that references the CT series, adapted, and
     the structure is segmented on the MR series of the other patient."""
+    import io
     import json
     import shutil
     import subprocess
@@ -43,6 +44,8 @@ def test_label_saved_over_dicomweb_becomes_a_seg_and_adapts(tmp_path: Path) -> N
     import urllib.request
 
     import numpy as np
+    import pydicom
+    import requests
     from dicomweb_client.api import DICOMwebClient
     from monailabel.client import MONAILabelClient
 
@@ -101,6 +104,18 @@ def test_label_saved_over_dicomweb_becomes_a_seg_and_adapts(tmp_path: Path) -> N
                 time.sleep(0.5)
             _, params = client.infer("medmeta", mr, {"result_extension": ".nii.gz"})
             assert params["label_names"] == {"kidney_left": 1}
+            # The result as DICOM SEG of the MR series (what OHIF asks with output=dicom_seg).
+            import io
+
+            import pydicom
+            import requests
+
+            response = requests.post(
+                f"{url}/infer/medmeta", params={"image": mr, "output": "dicom_seg"}, timeout=120
+            )
+            assert response.status_code == 200, response.text[:500]
+            result = pydicom.dcmread(io.BytesIO(response.content))
+            assert result.Modality == "SEG" and result.ReferencedSeriesSequence[0].SeriesInstanceUID == mr
         finally:
             process.terminate()
             process.wait(20)
