@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export MONAI_LABEL_TRACKING_ENABLED ?= false
 SRC := $(wildcard medmeta_plugin apps tests)
 
-.PHONY: install test test-slow lint format demo clean
+.PHONY: install test test-slow test-stack lint format demo demo-pacs clean
 
 install: $(STAMP)
 
@@ -42,3 +42,8 @@ demo: install
 test-stack: install
 	command -v Orthanc >/dev/null || (apt-get update -qq && apt-get install -y -qq orthanc orthanc-dicomweb)
 	$(BIN)/python -m pytest -q -m stack
+
+# The clinical stack for a person to try: Orthanc (Debian's packages) + the app on its DICOMweb + OHIF.
+demo-pacs: install
+	command -v Orthanc >/dev/null || (apt-get update -qq && apt-get install -y -qq orthanc orthanc-dicomweb)
+	$(BIN)/medmeta demo-pacs

@@ -101,4 +101,54 @@ OHIF: {url}/ohif/ (needs a DICOMweb studies source).  Stop with Ctrl+C.
     return 0  # not reached
 
 
-PARSERS = (_add_serve, _add_demo)
+def _add_demo_pacs(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo-pacs",
+        help="a local Orthanc PACS with the sample studies + the app on its DICOMweb (make demo-pacs)",
+    )
+    p.add_argument("--root", type=Path, default=REPO / ".demo-pacs", help="Orthanc storage and DICOM files")
+    _add_arguments(p)
+    p.set_defaults(func=_demo_pacs)
+
+
+def _stop_on_sigterm(*_: object) -> None:
+    raise KeyboardInterrupt  # so a `kill` (SIGTERM) stops Orthanc and the server like Ctrl+C
+
+
+def _demo_pacs(args: argparse.Namespace) -> int:
+    import signal
+    import subprocess
+
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+
+    from medmeta_plugin.stack.orthanc import OrthancServer
+    from medmeta_plugin.stack.studies import load_sample_studies
+
+    orthanc = OrthancServer(args.root / "orthanc").start()
+    try:
+        if not orthanc.get("/series"):
+            load_sample_studies(orthanc, args.root / "dicom")
+        url = f"http://{args.host}:{args.port}"
+        print(
+            f"""
+medmeta demo-pacs: Orthanc (DICOMweb {orthanc.dicomweb}) with the sample CT and MR of two patients,
+and the MONAI Label server on {url} reading its studies over DICOMweb.
+OHIF: {url}/ohif/  - open a study, MONAI Label panel, model "medmeta"; labels saved there are stored back in
+Orthanc as DICOM SEG.  Orthanc's own explorer: {orthanc.url}/app/explorer.html.  Stop with Ctrl+C.
+""",
+            flush=True,
+        )
+        command, env = server_command(orthanc.dicomweb, args.app, args.host, args.port, args.conf)
+        env.setdefault("MONAI_LABEL_DICOMWEB_SEARCH_FILTER", "{}")
+        server = subprocess.Popen(command, env=env)
+        try:
+            return server.wait()
+        except KeyboardInterrupt:
+            server.terminate()
+            server.wait(20)
+            return 0
+    finally:
+        orthanc.stop()
+
+
+PARSERS = (_add_serve, _add_demo, _add_demo_pacs)
