@@ -4,5 +4,6 @@ tasks and active-learning strategies. The app class itself is ``apps/medmeta/mai
 Modules, in the order a request meets them: ``config`` (``--conf`` parsing), ``datastore`` (studies folder,
 label validation), ``labels`` (what a submitted label means), ``grid`` (the working grid), ``engine``
 (backbone, adapters, feature cache), ``worker`` (background adaptation), ``runtime`` (ties them together),
-``infer_task``, ``train_task``, ``strategy``.
+``infer_task``, ``train_task``, ``strategy``; ``features`` (the backbone pass and its cache), ``routes``
+(guard routes), ``dicomweb`` (the DICOMweb datastore), ``demo``.
 """

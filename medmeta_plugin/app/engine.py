@@ -2,7 +2,8 @@
 
 :class:`Engine` is what the MONAI Label glue (infer tasks, train tasks, strategies, the adaptation worker)
 calls. It holds the meta-learned backbone B, the adapters A of every adapted task (restored from the adapter
-store at start), and a small cache of backbone features per scan, so that
+store at start), and a small cache of backbone features per scan (:mod:`~medmeta_plugin.app.features`),
+so that
 
 - inference runs the backbone once per scan and each ``head``-mode structure costs one 1x1x1 convolution
   (100 structures cost 100 heads, not 100 networks);
@@ -19,7 +20,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +27,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from medmeta_plugin.adapt import AdaptBudget, AdaptReport, adapt
 from medmeta_plugin.adapt.store import AdapterStore
 from medmeta_plugin.app.config import AppConfig
-from medmeta_plugin.app.grid import WorkingVolume, label_to_working, load_working, to_original_grid
+from medmeta_plugin.app.features import FeatureCache, backbone_output
+from medmeta_plugin.app.grid import WorkingVolume, label_to_working, to_original_grid
 from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks import (
     BackboneOutput,
-    FullAdapter,
     MetaModel,
     TaskAdapter,
     backbone_hash,
@@ -46,10 +45,6 @@ from medmeta_plugin.networks import (
 __all__ = ["Engine", "Example", "Segmentation", "examples_fingerprint", "mask_uncertainty"]
 
 logger = logging.getLogger(__name__)
-
-# Scans whose features stay cached: the one being labelled, the one being inferred, and a couple more. At
-# 128^3 and 16 channels one entry is about 130 MB.
-_CACHE_ENTRIES = 4
 
 
 @dataclass(frozen=True)
@@ -146,8 +141,7 @@ class Engine:
         self.model_dir.mkdir(parents=True, exist_ok=True)
         self.device = _resolve_device(config.device)
         self._lock = threading.RLock()
-        self._cache: OrderedDict[tuple, tuple[WorkingVolume, BackboneOutput]] = OrderedDict()
-        self._computing: dict[tuple, threading.Event] = {}
+        self._features = FeatureCache(config, self.device)
         self._loaded: dict[str, int] = {}
         self._backbone_stamp: tuple[str, int] | None = None
         self.load_backbone()
@@ -168,7 +162,7 @@ class Engine:
         restored = store.restore(model)
         with self._lock:
             self.model, self.store, self._loaded = model, store, dict(restored)
-            self._cache.clear()
+            self._features.clear()
             self._backbone_stamp = (str(path), path.stat().st_mtime_ns)
         logger.info("medmeta backbone %s, adapters restored: %s", path, restored or "none")
         return restored
@@ -244,66 +238,14 @@ class Engine:
         Raises:
             ValueError: if the scan cannot be read or is too large.
         """
-        path = os.path.realpath(image)
-        try:
-            stat = os.stat(path)
-        except OSError as err:
-            raise ValueError(f"image {image}: cannot be read ({err.strerror}).") from err
-        key = (path, stat.st_mtime_ns, stat.st_size, id(self.model.backbone))
-        while True:
-            with self._lock:
-                if key in self._cache:
-                    self._cache.move_to_end(key)
-                    return self._cache[key]
-                # One computation per scan: a request arriving while the background scorer (or another
-                # request) computes the same scan waits for it instead of doubling the work.
-                pending = self._computing.get(key)
-                if pending is None:
-                    pending = self._computing[key] = threading.Event()
-                    break
-            pending.wait()
-            with self._lock:
-                if key not in self._cache and key not in self._computing:
-                    continue  # the other computation failed: try it ourselves
-        try:
-            volume = load_working(path, self.config.spacing, self.divisor, self.config.max_voxels)
-            with torch.no_grad():
-                base = self._backbone(volume.image.to(self.device), None)
-            with self._lock:
-                self._cache[key] = (volume, base)
-                while len(self._cache) > _CACHE_ENTRIES:
-                    self._cache.popitem(last=False)
-        finally:
-            with self._lock:
-                self._computing.pop(key).set()
-        return volume, base
-
-    def _backbone(self, image: torch.Tensor, task: TaskAdapter | None) -> BackboneOutput:
-        """Backbone output for one padded scan (1, C, X, Y, Z), whole or by sliding window."""
-        adapter = task.adapter if task is not None else None
-        backbone = adapter.backbone if isinstance(adapter, FullAdapter) else self.model.backbone
-        if image[0, 0].numel() <= self.config.whole_volume_voxels:
-            return backbone(image, adapter=adapter)
-        features = sliding_window_inference(
-            image,
-            self.config.roi,
-            1,
-            lambda x: backbone(x, adapter=adapter).features,
-            overlap=0.25,
-            mode="gaussian",
-        )
-        # The embedding is a global pool: take it from the scan shrunk to the whole-volume budget.
-        factor = (self.config.whole_volume_voxels / image[0, 0].numel()) ** (1 / 3)
-        # At least two voxels per axis at the coarsest level: instance norm needs more than one.
-        least = 2 * self.divisor
-        size = [max(least, int(s * factor) // self.divisor * self.divisor) for s in image.shape[2:]]
-        small = torch.nn.functional.interpolate(image, size=size, mode="trilinear", align_corners=False)
-        return BackboneOutput(features=features, embedding=backbone(small, adapter=adapter).embedding)
+        return self._features.get(image, self.model.backbone)
 
     def _task_output(self, task: TaskAdapter, volume: WorkingVolume, base: BackboneOutput) -> torch.Tensor:
         if task.info.mode == "head":
             return task.head(base)
-        return task.head(self._backbone(volume.image.to(self.device), task))
+        return task.head(
+            backbone_output(self.model.backbone, volume.image.to(self.device), task, self.config)
+        )
 
     # ----- inference ---------------------------------------------------------------------------------------
     @torch.no_grad()

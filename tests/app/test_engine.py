@@ -108,16 +108,16 @@ def test_client_errors_are_value_errors(engine: Engine, studies: dict, tmp_path:
 def test_concurrent_requests_for_one_scan_compute_it_once(engine: Engine, studies: dict, monkeypatch) -> None:
     import threading
 
-    import medmeta_plugin.app.engine as engine_module
+    import medmeta_plugin.app.features as features_module
 
     calls = []
-    original = engine_module.load_working
+    original = features_module.load_working
 
     def counting(*args, **kwargs):
         calls.append(args[0])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "load_working", counting)
+    monkeypatch.setattr(features_module, "load_working", counting)
     image_a = str(studies["studies"] / "a.nii.gz")
     results = []
     threads = [threading.Thread(target=lambda: results.append(engine.working(image_a))) for _ in range(4)]

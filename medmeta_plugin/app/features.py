@@ -1,0 +1,114 @@
+"""Backbone features of whole scans: one pass per scan (whole or by sliding window), cached per file version.
+
+Inference runs the backbone once per scan and applies every ``head``-mode structure to the same features;
+adaptation of a structure on a scan the user has just looked at reuses them. Requests for a scan whose
+features are being computed wait for that computation instead of repeating it (the background scorer and a
+user's request often ask for the same new scan at once).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from monai.inferers import sliding_window_inference
+
+from medmeta_plugin.app.config import AppConfig
+from medmeta_plugin.app.grid import WorkingVolume, load_working
+from medmeta_plugin.networks import Backbone3D, BackboneOutput, FullAdapter, TaskAdapter
+
+__all__ = ["CACHE_ENTRIES", "FeatureCache", "backbone_output"]
+
+# Scans whose features stay cached: the one being labelled, the one being inferred, and a couple more. At
+# 128^3 and 16 channels one entry is about 130 MB.
+CACHE_ENTRIES = 4
+
+
+def backbone_output(
+    backbone: Backbone3D, image: torch.Tensor, task: TaskAdapter | None, config: AppConfig
+) -> BackboneOutput:
+    """Backbone output for one padded scan, whole or by sliding window.
+
+    Args:
+        backbone: the shared backbone (a ``full`` adapter brings its own copy).
+        image: the scan on the working grid, shape (1, C, X, Y, Z), sizes multiples of the size divisor.
+        task: a task adapter to run the backbone with (``film``, ``lora``, ``full``), or None.
+        config: ``whole_volume_voxels`` and ``roi`` decide between one pass and a sliding window.
+
+    Returns:
+        features (1, F, X, Y, Z) and embedding (1, E).
+    """
+    adapter = task.adapter if task is not None else None
+    net = adapter.backbone if isinstance(adapter, FullAdapter) else backbone
+    if image[0, 0].numel() <= config.whole_volume_voxels:
+        return net(image, adapter=adapter)
+    features = sliding_window_inference(
+        image, config.roi, 1, lambda x: net(x, adapter=adapter).features, overlap=0.25, mode="gaussian"
+    )
+    # The embedding is a global pool: take it from the scan shrunk to the whole-volume budget, with at least
+    # two voxels per axis at the coarsest level (instance norm needs more than one).
+    divisor = net.size_divisor
+    factor = (config.whole_volume_voxels / image[0, 0].numel()) ** (1 / 3)
+    size = [max(2 * divisor, int(s * factor) // divisor * divisor) for s in image.shape[2:]]
+    small = torch.nn.functional.interpolate(image, size=size, mode="trilinear", align_corners=False)
+    return BackboneOutput(features=features, embedding=net(small, adapter=adapter).embedding)
+
+
+class FeatureCache:
+    """Working-grid scans and their identity-adapter backbone output, keyed by file version and backbone.
+
+    Args:
+        config: the app configuration (spacing, memory limit, sliding-window settings).
+        device: where the backbone runs.
+    """
+
+    def __init__(self, config: AppConfig, device: torch.device) -> None:
+        self.config, self.device = config, device
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple, tuple[WorkingVolume, BackboneOutput]] = OrderedDict()
+        self._computing: dict[tuple, threading.Event] = {}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def get(self, image: str | Path, backbone: Backbone3D) -> tuple[WorkingVolume, BackboneOutput]:
+        """The scan on the working grid and its backbone output, computed once per file version.
+
+        Raises:
+            ValueError: if the scan cannot be read or is too large.
+        """
+        path = os.path.realpath(image)
+        try:
+            stat = os.stat(path)
+        except OSError as err:
+            raise ValueError(f"image {image}: cannot be read ({err.strerror}).") from err
+        key = (path, stat.st_mtime_ns, stat.st_size, id(backbone))
+        while True:
+            with self._lock:
+                if key in self._entries:
+                    self._entries.move_to_end(key)
+                    return self._entries[key]
+                pending = self._computing.get(key)
+                if pending is None:
+                    pending = self._computing[key] = threading.Event()
+                    break
+            pending.wait()
+            with self._lock:
+                if key not in self._entries and key not in self._computing:
+                    continue  # the other computation failed: try it ourselves
+        try:
+            volume = load_working(path, self.config.spacing, backbone.size_divisor, self.config.max_voxels)
+            with torch.no_grad():
+                base = backbone_output(backbone, volume.image.to(self.device), None, self.config)
+            with self._lock:
+                self._entries[key] = (volume, base)
+                while len(self._entries) > CACHE_ENTRIES:
+                    self._entries.popitem(last=False)
+        finally:
+            with self._lock:
+                self._computing.pop(key).set()
+        return volume, base
