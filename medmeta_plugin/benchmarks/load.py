@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from medmeta_plugin.benchmarks.app_latency import SAMPLE, _answers, _free_port, _structure_masks
+from medmeta_plugin.benchmarks.app_latency import SAMPLE, _structure_masks
 
 __all__ = ["run_load_benchmark", "summarise_load"]
 
@@ -33,7 +32,7 @@ def run_load_benchmark(submitters: int = 6, readers: int = 4, seconds: float = 3
     """Run the load benchmark (see the module docstring)."""
     from monailabel.client import MONAILabelClient
 
-    from medmeta_plugin.cli.serve import DEFAULT_APP, server_command
+    from medmeta_plugin.cli.serve import DEFAULT_APP, running_server
     from medmeta_plugin.io import write_image
 
     logging.getLogger("monailabel.client.client").setLevel(logging.WARNING)
@@ -54,100 +53,80 @@ def run_load_benchmark(submitters: int = 6, readers: int = 4, seconds: float = 3
         structure = _SHARED if i < submitters // 2 else _OWN[(i - submitters // 2) % len(_OWN)]
         mask = (ct_label == names[structure]).astype(np.uint8)
         plan[f"ct_{i}"] = (structure, write_image(labels / f"ct_{i}.nii.gz", mask, ct_meta))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command, env = server_command(str(studies), app, "127.0.0.1", port)
     latencies: list[float] = []
     errors: list[str] = []
     result: dict[str, Any] = {}
-    with open(work / "server.log", "w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
-        try:
-            start = time.perf_counter()
-            while not _answers(url):
-                if process.poll() is not None or time.perf_counter() - start > 120:
-                    raise RuntimeError(f"server did not start; see {work / 'server.log'}")
-                time.sleep(0.25)
-            stop = threading.Event()
-            barrier = threading.Barrier(submitters)
+    with running_server(str(studies), app, work / "server.log") as (url, _):
+        stop = threading.Event()
+        barrier = threading.Barrier(submitters)
 
-            def submit(image_id: str) -> None:
-                client = MONAILabelClient(url, tmpdir=str(work))
-                structure, path = plan[image_id]
-                barrier.wait()
-                try:
-                    client.save_label(
-                        image_id, str(path), params={"label_info": [{"name": structure, "idx": 1}]}
-                    )
-                except Exception as err:
-                    errors.append(f"save_label {image_id}: {err}")
-
-            def read() -> None:
-                client = MONAILabelClient(url, tmpdir=str(work))
-                while not stop.is_set():
-                    t0 = time.perf_counter()
-                    try:
-                        client.infer("medmeta", "mr", {"result_extension": ".nii.gz"})
-                        latencies.append(time.perf_counter() - t0)
-                    except Exception as err:
-                        if "no structure has been adapted yet" not in str(err):
-                            errors.append(f"infer: {err}")
-                        time.sleep(0.2)
-
-            threads = [threading.Thread(target=submit, args=(i,)) for i in plan]
-            threads += [threading.Thread(target=read) for _ in range(readers)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            # Readers run until every adaptation is done (and at least ``seconds``).
-            expected = {s for s, _ in plan.values()}
-            while True:
-                info = json.loads(_get(f"{url}/info/"))
-                queue = info["medmeta"]["adaptation"]
-                done = (
-                    expected <= set(info["medmeta"]["adapters"])
-                    and not queue["pending"]
-                    and not queue["running"]
-                )
-                if done and time.perf_counter() - t0 >= seconds:
-                    break
-                if time.perf_counter() - t0 > 600:
-                    errors.append("adaptation did not finish within 600 s")
-                    break
-                time.sleep(0.5)
-            elapsed = time.perf_counter() - t0
-            stop.set()
-            for t in threads:
-                t.join(60)
-            store = json.loads(_get(f"{url}/datastore/?output=all"))["objects"]
-            stored = sum(1 for image_id in plan if "final" in store.get(image_id, {}).get("labels", {}))
-            shots = {}
-            for structure in expected:
-                meta_files = sorted((app / "model" / "adapters").glob(f"*/{structure}/v*.json"))
-                shots[structure] = json.loads(meta_files[-1].read_text()).get("shots") if meta_files else 0
-            wanted = {s: sum(1 for v, _ in plan.values() if v == s) for s in expected}
-            result = {
-                "submitters": submitters,
-                "readers": readers,
-                "elapsed_s": round(elapsed, 2),
-                "labels_submitted": len(plan),
-                "labels_stored": stored,
-                "labels_lost": len(plan) - stored,
-                "final_adapter_shots": shots,
-                "expected_shots": wanted,
-                "infer_requests": len(latencies),
-                "infer_per_s": round(len(latencies) / elapsed, 2),
-                "latency_s": {f"p{q}": round(float(np.percentile(latencies, q)), 3) for q in (50, 95, 99)}
-                if latencies
-                else {},
-                "errors": errors,
-            }
-        finally:
-            process.terminate()
+        def submit(image_id: str) -> None:
+            client = MONAILabelClient(url, tmpdir=str(work))
+            structure, path = plan[image_id]
+            barrier.wait()
             try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+                client.save_label(image_id, str(path), params={"label_info": [{"name": structure, "idx": 1}]})
+            except Exception as err:
+                errors.append(f"save_label {image_id}: {err}")
+
+        def read() -> None:
+            client = MONAILabelClient(url, tmpdir=str(work))
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    client.infer("medmeta", "mr", {"result_extension": ".nii.gz"})
+                    latencies.append(time.perf_counter() - t0)
+                except Exception as err:
+                    if "no structure has been adapted yet" not in str(err):
+                        errors.append(f"infer: {err}")
+                    time.sleep(0.2)
+
+        threads = [threading.Thread(target=submit, args=(i,)) for i in plan]
+        threads += [threading.Thread(target=read) for _ in range(readers)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        # Readers run until every adaptation is done (and at least ``seconds``).
+        expected = {s for s, _ in plan.values()}
+        while True:
+            info = json.loads(_get(f"{url}/info/"))
+            queue = info["medmeta"]["adaptation"]
+            done = (
+                expected <= set(info["medmeta"]["adapters"]) and not queue["pending"] and not queue["running"]
+            )
+            if done and time.perf_counter() - t0 >= seconds:
+                break
+            if time.perf_counter() - t0 > 600:
+                errors.append("adaptation did not finish within 600 s")
+                break
+            time.sleep(0.5)
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        for t in threads:
+            t.join(60)
+        store = json.loads(_get(f"{url}/datastore/?output=all"))["objects"]
+        stored = sum(1 for image_id in plan if "final" in store.get(image_id, {}).get("labels", {}))
+        shots = {}
+        for structure in expected:
+            meta_files = sorted((app / "model" / "adapters").glob(f"*/{structure}/v*.json"))
+            shots[structure] = json.loads(meta_files[-1].read_text()).get("shots") if meta_files else 0
+        wanted = {s: sum(1 for v, _ in plan.values() if v == s) for s in expected}
+        result = {
+            "submitters": submitters,
+            "readers": readers,
+            "elapsed_s": round(elapsed, 2),
+            "labels_submitted": len(plan),
+            "labels_stored": stored,
+            "labels_lost": len(plan) - stored,
+            "final_adapter_shots": shots,
+            "expected_shots": wanted,
+            "infer_requests": len(latencies),
+            "infer_per_s": round(len(latencies) / elapsed, 2),
+            "latency_s": {f"p{q}": round(float(np.percentile(latencies, q)), 3) for q in (50, 95, 99)}
+            if latencies
+            else {},
+            "errors": errors,
+        }
     return {"benchmark": "load", "result": result, "work": str(work)}
 
 

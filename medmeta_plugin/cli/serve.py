@@ -8,11 +8,18 @@ tracking off, sessions kept in the app's model folder instead of ``~/.cache``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["PARSERS", "server_command"]
+__all__ = ["PARSERS", "free_port", "running_server", "server_answers", "server_command"]
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_APP = REPO / "apps" / "medmeta"
@@ -45,6 +52,72 @@ def server_command(
     env.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
     env.setdefault("MONAI_LABEL_SESSION_PATH", str(Path(app) / "model" / "sessions"))
     return command, env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_answers(url: str) -> bool:
+    """True once the server at ``url`` answers ``GET /info/`` at all (an HTTP error such as 401 counts)."""
+    try:
+        with urllib.request.urlopen(f"{url}/info/", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running_server(
+    studies: str,
+    app: Path,
+    log: Path,
+    conf: list | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A server process on a free 127.0.0.1 port for the ``with`` block (benchmarks and tests).
+
+    Args:
+        studies, app, conf: as for :func:`server_command`.
+        log: file the server's output is appended to (its tail is in the error if it does not start).
+        env: extra environment variables.
+        timeout: seconds to wait for ``/info/``.
+
+    Yields:
+        ``(url, process)``; the process is terminated (killed after 20 s) when the block ends, unless the
+        block stopped it itself.
+
+    Raises:
+        RuntimeError: if the server exits or does not answer within ``timeout``.
+    """
+    command, full_env = server_command(studies, app, "127.0.0.1", free_port(), conf)
+    full_env.update(env or {})
+    url = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
+    with open(log, "a") as out:
+        process = subprocess.Popen(
+            command, env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while not server_answers(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(20)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -117,7 +190,6 @@ def _stop_on_sigterm(*_: object) -> None:
 
 def _demo_pacs(args: argparse.Namespace) -> int:
     import signal
-    import subprocess
 
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
 

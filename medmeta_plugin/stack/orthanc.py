@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -19,17 +18,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from medmeta_plugin.cli.serve import free_port
+
 __all__ = ["DICOMWEB_PLUGIN", "ORTHANC", "OrthancServer", "free_port"]
 
 ORTHANC = "Orthanc"  # /usr/sbin/Orthanc from Debian's `orthanc` package
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's `orthanc-dicomweb`
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class OrthancServer:

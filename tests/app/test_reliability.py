@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -15,50 +14,41 @@ from monailabel.client import MONAILabelClient
 
 from medmeta_plugin.app.config import parse_conf
 from medmeta_plugin.app.engine import Engine
-from medmeta_plugin.cli.serve import server_command
+from medmeta_plugin.cli.serve import running_server
 from tests.app.conftest import REPO
-from tests.app.test_server import _answers, _free_port
 
 LABEL_INFO = [{"name": "ball", "idx": 1}, {"name": "box", "idx": 2}]
 
 
-def _start(app: Path, studies: Path, port: int, log: Path) -> subprocess.Popen:
-    command, env = server_command(str(studies), app, "127.0.0.1", port)
-    env["MONAI_LABEL_DATASTORE_AUTO_RELOAD"] = "false"
-    with open(log, "a") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=app.parent)
-    deadline = time.monotonic() + 120
-    while not _answers(f"http://127.0.0.1:{port}"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError("server did not start:\n" + log.read_text()[-3000:])
-        time.sleep(0.5)
-    return process
+def _app(tmp_path: Path) -> Path:
+    app = tmp_path / "app"
+    shutil.copytree(REPO / "apps" / "medmeta", app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+    return app
 
 
-def _info(port: int) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=10) as response:
+def _info(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/info/", timeout=10) as response:
         return json.loads(response.read())
 
 
 @pytest.mark.slow
 def test_sigkill_during_adaptation_then_restart_loses_nothing(tmp_path: Path, studies: dict) -> None:
-    app = tmp_path / "app"
-    shutil.copytree(REPO / "apps" / "medmeta", app, ignore=shutil.ignore_patterns("model", "__pycache__"))
-    port, log = _free_port(), tmp_path / "server.log"
-    process = _start(app, studies["studies"], port, log)
-    client = MONAILabelClient(f"http://127.0.0.1:{port}", tmpdir=str(tmp_path))
-    try:
-        client.save_label("a", str(studies["a"]), params={"label_info": LABEL_INFO})
-        deadline = time.monotonic() + 60
-        while set(_info(port)["medmeta"]["adapters"]) != {"ball", "box"}:
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
+    app, log = _app(tmp_path), tmp_path / "server.log"
+    env = {"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
+    with running_server(str(studies["studies"]), app, log, env=env) as (url, process):
+        client = MONAILabelClient(url, tmpdir=str(tmp_path))
+        try:
+            client.save_label("a", str(studies["a"]), params={"label_info": LABEL_INFO})
+            deadline = time.monotonic() + 60
+            while set(_info(url)["medmeta"]["adapters"]) != {"ball", "box"}:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.3)
+            # A second label, and the server is killed while it adapts on it.
+            client.save_label("b", str(studies["b"]), params={"label_info": LABEL_INFO})
             time.sleep(0.3)
-        # A second label, and the server is killed while it adapts on it.
-        client.save_label("b", str(studies["b"]), params={"label_info": LABEL_INFO})
-        time.sleep(0.3)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait(10)
 
     # Every version file that carries a name loads; the store serves the newest complete one.
     engine = Engine(parse_conf({}), app / "model")
@@ -66,14 +56,13 @@ def test_sigkill_during_adaptation_then_restart_loses_nothing(tmp_path: Path, st
     for meta in (app / "model" / "adapters").glob("*/*/v*.json"):
         json.loads(meta.read_text())
 
-    process = _start(app, studies["studies"], port, log)
-    try:
+    with running_server(str(studies["studies"]), app, log, env=env) as (url, _):
         # Both labels are still stored, and after the restart both structures are fitted on both.
-        store = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/datastore/?output=all").read())
+        store = json.loads(urllib.request.urlopen(f"{url}/datastore/?output=all").read())
         assert {"a", "b"} <= {k for k, v in store["objects"].items() if "final" in v["labels"]}
         deadline = time.monotonic() + 90
         while True:
-            status = _info(port)["medmeta"]
+            status = _info(url)["medmeta"]
             queue = status["adaptation"]
             if not queue["pending"] and not queue["running"]:
                 served = Engine(parse_conf({}), app / "model")
@@ -81,9 +70,6 @@ def test_sigkill_during_adaptation_then_restart_loses_nothing(tmp_path: Path, st
                     break
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-    finally:
-        process.terminate()
-        process.wait(20)
 
 
 @pytest.mark.slow
@@ -112,19 +98,9 @@ def test_bad_input_over_http_leaves_the_server_serving(tmp_path: Path, studies: 
         ImageMeta((1.0,) * 3, (0.0,) * 3, GEOMETRIES["ras"].direction, (8, 8, 8)),
     )
 
-    app = tmp_path / "app"
-    shutil.copytree(REPO / "apps" / "medmeta", app, ignore=shutil.ignore_patterns("model", "__pycache__"))
-    port, log = _free_port(), tmp_path / "server.log"
-    command, env = server_command(str(folder), app, "127.0.0.1", port, [["max_voxels", "20000"]])
-    env["MONAI_LABEL_DATASTORE_AUTO_RELOAD"] = "false"
-    with open(log, "a") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while not _answers(url):
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+    log, conf = tmp_path / "server.log", [["max_voxels", "20000"]]
+    env = {"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
+    with running_server(str(folder), _app(tmp_path), log, conf=conf, env=env) as (url, _):
         label_info = json.dumps({"label_info": LABEL_INFO})
         requests.put(
             f"{url}/datastore/label",
@@ -198,21 +174,18 @@ def test_bad_input_over_http_leaves_the_server_serving(tmp_path: Path, studies: 
         ]
         # The structures must be adapted first, or inference answers "nothing adapted yet".
         deadline = time.monotonic() + 60
-        while set(_info(port)["medmeta"]["adapters"]) != {"ball", "box"}:
+        while set(_info(url)["medmeta"]["adapters"]) != {"ball", "box"}:
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.3)
         for call, status, needle in cases:
             response = call()
             assert response.status_code == status, (needle, response.status_code, response.text[:300])
             assert needle in response.json()["detail"], (needle, response.text[:300])
-            assert _info(port)["name"] == "medmeta"  # still serving
+            assert _info(url)["name"] == "medmeta"  # still serving
         after = {
             p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "datastore_v2.json"
         }
         assert after == snapshot  # nothing stored changed
-    finally:
-        process.terminate()
-        process.wait(20)
 
 
 @pytest.mark.slow
@@ -221,23 +194,10 @@ def test_with_authentication_enabled_the_app_endpoints_require_it(tmp_path: Path
     and its guard routes answer 401 like MONAI Label's own, before any medmeta check runs."""
     import requests
 
-    app = tmp_path / "app"
-    shutil.copytree(REPO / "apps" / "medmeta", app, ignore=shutil.ignore_patterns("model", "__pycache__"))
-    port, log = _free_port(), tmp_path / "server.log"
-    command, env = server_command(str(studies["studies"]), app, "127.0.0.1", port)
-    env.update({"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", "MONAI_LABEL_AUTH_ENABLE": "true"})
-    with open(log, "a") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                requests.get(f"{url}/info/", timeout=2)
-                break
-            except requests.ConnectionError:
-                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
+    log = tmp_path / "server.log"
+    env = {"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", "MONAI_LABEL_AUTH_ENABLE": "true"}
+    # The server counts as up when /info/ answers at all: here it answers 401.
+    with running_server(str(studies["studies"]), _app(tmp_path), log, env=env) as (url, _):
         with open(studies["a"], "rb") as f:
             label = f.read()
         calls = {
@@ -261,6 +221,3 @@ def test_with_authentication_enabled_the_app_endpoints_require_it(tmp_path: Path
         answers = {name: call().status_code for name, call in calls.items()}
         assert answers == {name: 401 for name in calls}, answers
         assert not (studies["studies"] / "labels" / "final" / "a.nrrd").exists()
-    finally:
-        process.terminate()
-        process.wait(20)

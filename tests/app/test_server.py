@@ -4,64 +4,30 @@ drives it (info, next sample, sessions, submit label, infer .nrrd/uint8, train s
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from monailabel.client import MONAILabelClient
 
-from medmeta_plugin.cli.serve import server_command
+from medmeta_plugin.cli.serve import running_server
 from medmeta_plugin.io import read_image
 from tests.app.conftest import REPO
 
 LABEL_INFO = [{"name": "ball", "idx": 1}, {"name": "box", "idx": 2}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path: Path, studies: dict) -> Iterator[tuple[MONAILabelClient, subprocess.Popen, Path]]:
     app = tmp_path / "app"
     shutil.copytree(REPO / "apps" / "medmeta", app, ignore=shutil.ignore_patterns("model", "__pycache__"))
-    port = _free_port()
+    log = tmp_path / "server.log"
     # No --conf at all: the shipped backbone with the defaults.
-    command, env = server_command(str(studies["studies"]), app, "127.0.0.1", port)
-    env["MONAI_LABEL_DATASTORE_AUTO_RELOAD"] = "false"
-    url = f"http://127.0.0.1:{port}"
-    with open(tmp_path / "server.log", "w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-        try:
-            deadline = time.monotonic() + 90
-            while not _answers(url):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    raise AssertionError(
-                        "server did not start:\n" + (tmp_path / "server.log").read_text()[-4000:]
-                    )
-                time.sleep(0.5)
-            yield MONAILabelClient(url, tmpdir=str(tmp_path / "client")), process, tmp_path / "server.log"
-        finally:
-            process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/info/", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+    env = {"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
+    with running_server(str(studies["studies"]), app, log, env=env) as (url, process):
+        yield MONAILabelClient(url, tmpdir=str(tmp_path / "client")), process, log
 
 
 def _wait(predicate, timeout: float, what: str, log: Path):

@@ -39,7 +39,6 @@ def test_label_saved_over_dicomweb_becomes_a_seg_and_adapts(tmp_path: Path) -> N
     import io
     import json
     import shutil
-    import subprocess
     import time
     import urllib.request
 
@@ -50,37 +49,24 @@ def test_label_saved_over_dicomweb_becomes_a_seg_and_adapts(tmp_path: Path) -> N
     from monailabel.client import MONAILabelClient
 
     from medmeta_plugin.benchmarks.app_latency import _structure_masks
-    from medmeta_plugin.cli.serve import DEFAULT_APP, server_command
+    from medmeta_plugin.cli.serve import DEFAULT_APP, running_server
     from medmeta_plugin.io import read_image, write_image
-    from medmeta_plugin.stack.orthanc import free_port
 
     with OrthancServer(tmp_path / "orthanc") as orthanc:
         uids = load_sample_studies(orthanc, tmp_path / "dicom")
         app = tmp_path / "app"
         shutil.copytree(DEFAULT_APP, app, ignore=shutil.ignore_patterns("model", "__pycache__"))
-        port = free_port()
-        command, env = server_command(orthanc.dicomweb, app, "127.0.0.1", port)
-        env["MONAI_LABEL_DICOMWEB_SEARCH_FILTER"] = "{}"
-        env["MONAI_LABEL_DICOMWEB_CACHE_PATH"] = str(tmp_path / "cache")
-        with open(tmp_path / "server.log", "w") as log:
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-        url = f"http://127.0.0.1:{port}"
+        env = {
+            "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": "{}",
+            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache"),
+        }
 
-        def info() -> dict | None:
-            try:
-                with urllib.request.urlopen(f"{url}/info/", timeout=5) as response:
-                    return json.loads(response.read())
-            except OSError:
-                return None
+        def info() -> dict:
+            with urllib.request.urlopen(f"{url}/info/", timeout=5) as response:
+                return json.loads(response.read())
 
-        try:
-            deadline = time.monotonic() + 120
-            while (first := info()) is None:
-                assert process.poll() is None and time.monotonic() < deadline, (
-                    tmp_path / "server.log"
-                ).read_text()[-3000:]
-                time.sleep(0.5)
-            assert first["datastore"]["total"] == len(uids)
+        with running_server(orthanc.dicomweb, app, tmp_path / "server.log", env=env) as (url, _):
+            assert info()["datastore"]["total"] == len(uids)
             # The kidney labelled on the CT series, on the grid of that series as it was written.
             ct_label, _, names = _structure_masks("ct_abdomen_a")
             _, series_meta = read_image(tmp_path / "dicom" / "ct_abdomen_a")
@@ -99,7 +85,7 @@ def test_label_saved_over_dicomweb_becomes_a_seg_and_adapts(tmp_path: Path) -> N
             assert [s.SegmentLabel for s in seg.SegmentSequence] == ["kidney_left"]
             # Adapted, and served on the MR series of the other patient.
             deadline = time.monotonic() + 120
-            while "kidney_left" not in (info() or {}).get("medmeta", {}).get("adapters", {}):
+            while "kidney_left" not in info()["medmeta"]["adapters"]:
                 assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
                 time.sleep(0.5)
             _, params = client.infer("medmeta", mr, {"result_extension": ".nii.gz"})
@@ -116,6 +102,3 @@ def test_label_saved_over_dicomweb_becomes_a_seg_and_adapts(tmp_path: Path) -> N
             assert response.status_code == 200, response.text[:500]
             result = pydicom.dcmread(io.BytesIO(response.content))
             assert result.Modality == "SEG" and result.ReferencedSeriesSequence[0].SeriesInstanceUID == mr
-        finally:
-            process.terminate()
-            process.wait(20)
