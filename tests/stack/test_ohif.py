@@ -26,11 +26,10 @@ import numpy as np
 import pytest
 
 from medmeta_plugin.stack.orthanc import OrthancServer
-from medmeta_plugin.stack.studies import SAMPLE_SERIES, load_sample_studies
+from medmeta_plugin.stack.studies import SAMPLE_SERIES, load_sample_studies, sample_mask, submit_sample_label
 
 pytestmark = pytest.mark.stack
 
-SAMPLE = Path(__file__).resolve().parents[2] / "sample_apps" / "data" / "real"
 CT, MR = "ct_abdomen_a", "mr_abdomen_d"
 KNOWN = "spinal_cord"  # labelled on the CT before the session (3D Slicer's way), so step 2 has a result
 TAUGHT = "kidney_left"  # painted in OHIF in step 3, served on the MR in step 4
@@ -79,7 +78,7 @@ def test_ohif_session_segments_teaches_and_serves_the_next_study(stack: Stack, a
 
     ct, mr = stack.uids[CT], stack.uids[MR]
     ct_voxels, ct_meta = read_image(stack.dicom / CT)
-    _submit_as_slicer(stack, CT, _structure(CT, KNOWN), KNOWN)
+    submit_sample_label(stack.url, CT, stack.dicom / CT, [KNOWN])
     _wait_adapted(stack.url, KNOWN, version=1)
     viewer = OhifViewer(stack.browser.new_page(), stack.url)
 
@@ -103,7 +102,7 @@ def test_ohif_session_segments_teaches_and_serves_the_next_study(stack: Stack, a
     viewer.screenshot(artifacts / "2-ct-medmeta.png")
 
     # (3) Paint a structure with OHIF's brush, save it from the page; it becomes a SEG of the CT and adapts.
-    truth = _structure(CT, TAUGHT)
+    truth = sample_mask(CT, TAUGHT)
     number = viewer.paint(TAUGHT, truth)
     painted = viewer.labelmap()
     assert _dice(painted == number, truth) > 0.5, "the brush strokes did not land on the structure"
@@ -116,6 +115,7 @@ def test_ohif_session_segments_teaches_and_serves_the_next_study(stack: Stack, a
     assert TAUGHT in json.loads(body)["medmeta"]["adapting"]
     seg = _seg_of(stack, ct, TAUGHT)
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct
+    assert seg.SeriesDescription == "medmeta label"
     assert sorted(s.SegmentLabel for s in seg.SegmentSequence) == sorted(e["name"] for e in label_info)
     # One frame per CT slice and segment (empty ones included), each of the CT's rows and columns.
     columns, rows, slices = ct_meta.shape
@@ -143,28 +143,6 @@ def test_ohif_session_segments_teaches_and_serves_the_next_study(stack: Stack, a
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------
-def _structure(case: str, name: str) -> np.ndarray:
-    """The sample's reference mask of one structure, (X, Y, Z) on the grid its DICOM series was written on."""
-    from medmeta_plugin.io import read_label
-
-    folder = SAMPLE / case
-    label, _ = read_label(next(folder.glob("label.*")))
-    values = {n: int(v) for v, n in json.loads((folder / "labels.json").read_text()).items()}
-    return label[0] == values[name]
-
-
-def _submit_as_slicer(stack: Stack, case: str, mask: np.ndarray, name: str) -> None:
-    """``PUT /datastore/label`` with an NRRD on the series' grid and ``label_info``, as 3D Slicer sends it."""
-    from monailabel.client import MONAILabelClient
-
-    from medmeta_plugin.io import read_image, write_image
-
-    _, meta = read_image(stack.dicom / case)
-    path = write_image(stack.dicom.parent / f"{name}.nrrd", mask[None].astype(np.uint8), meta)
-    client = MONAILabelClient(stack.url, tmpdir=str(stack.dicom.parent))
-    client.save_label(stack.uids[case], str(path), params={"label_info": [{"name": name, "idx": 1}]})
-
-
 def _wait_adapted(url: str, name: str, version: int) -> None:
     """Wait until the server serves ``name`` at ``version`` or later; fail at once if its adaptation fails."""
     deadline = time.monotonic() + ADAPT_TIMEOUT
