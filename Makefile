@@ -50,8 +50,10 @@ demo: install
 
 # The clinical stack (Orthanc + DICOMweb + Chromium from Debian's packages, OHIF from monailabel); see README.
 test-stack: install-stack
-	dpkg -s $(STACK_DEBS) >/dev/null 2>&1 || (apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(STACK_DEBS))
+	@missing=$$(for p in $(STACK_DEBS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | \
+		grep -q ' installed$$' || echo $$p; done); \
+	test -z "$$missing" || (echo "apt-get install $$missing" && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing)
 	$(BIN)/python -m pytest -q -m stack
 
 # The clinical stack for a person to try: Orthanc (Debian's packages) + the app on its DICOMweb + OHIF.
