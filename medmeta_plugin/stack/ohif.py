@@ -170,6 +170,11 @@ class OhifViewer:
         self.page.wait_for_function("() => !!services.segmentationService.getLabelmapVolume('1')")
         return info.value.json()
 
+    def models(self) -> list[str]:
+        """The models the panel offers under Auto-Segmentation (those of type ``segmentation``)."""
+        select = self.page.locator(".modelSelector select").first
+        return select.evaluate("(s) => Array.from(s.options).map(o => o.value)")
+
     def run_model(self, model: str) -> bytes:
         """Pick ``model`` under Auto-Segmentation, press *Run*, and wait until OHIF has put the result into
         its labelmap.

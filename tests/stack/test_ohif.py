@@ -91,7 +91,7 @@ def test_ohif_session_segments_teaches_and_serves_the_next_study(stack: Stack, a
 
     # (2) The panel lists medmeta with the structure it knows; Run shows the server's result in OHIF.
     info = viewer.connect()
-    assert info["models"]["medmeta"]["type"] == "segmentation"
+    assert viewer.models() == ["medmeta"]  # medmeta_volume (classification) has no place in this panel
     assert list(info["models"]["medmeta"]["labels"]) == [KNOWN]
     result = _nrrd_labels(viewer.run_model("medmeta"), stack.browser.work)
     shown, segments = viewer.labelmap(), viewer.segments()
