@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
@@ -21,8 +23,9 @@ from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from medmeta_plugin.app.datastore import validated_label
+from medmeta_plugin.io import read_label
 
-__all__ = ["MedMetaDICOMWebDatastore"]
+__all__ = ["MedMetaDICOMWebDatastore", "write_seg"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +58,7 @@ class MedMetaDICOMWebDatastore(DICOMWebDatastore):
         with validated_label(image_id, image_uri, label_filename, label_info, self._fallback) as (path, info):
             if label_tag == DefaultLabelTag.FINAL.value:
                 structures = info["medmeta"]["structures"]
-                segments = [
-                    {"name": n, "idx": v} for n, v in sorted(structures.items(), key=lambda kv: kv[1])
-                ]
-                seg = nifti_to_dicom_seg(self.series_dir(image_id), path, segments, use_itk=False)
+                seg = write_seg(self.series_dir(image_id), path, structures, "medmeta label")
                 if seg:
                     info["SeriesInstanceUID"] = dicom_web_upload_dcm(seg, self._client)
                     info["ReferencedSeriesInstanceUID"] = image_id
@@ -83,3 +83,28 @@ class MedMetaDICOMWebDatastore(DICOMWebDatastore):
         if local and os.path.isfile(local):
             return local
         return super().get_label_uri(label_id, label_tag, image_id)
+
+
+def write_seg(series_dir: str, label: str | Path, names: Mapping[str, int], description: str) -> str:
+    """Write a label map as a DICOM SEG of a series, with MONAI Label's converter (its pydicom-seg branch).
+
+    MONAI Label's ``nifti_to_dicom_seg`` pairs the i-th value present in the map with the i-th entry it is
+    given and ignores the entries' ``idx``; so only the structures present are passed, in value order (a
+    structure named but absent, which the app keeps as an "absent here" example, would otherwise shift
+    every name after it onto the wrong segment).
+
+    Args:
+        series_dir: the folder of the series' DICOM files.
+        label: the label map file, on the series' grid.
+        names: ``{structure: value in the label map}``.
+        description: the SEG's SeriesDescription (MONAI Label's converter takes it as the model name).
+
+    Returns:
+        The SEG file's path, or ``""`` if no named structure is present.
+    """
+    present = {int(v) for v in np.unique(read_label(label)[0])}
+    segments = [{"name": n, "idx": v} for n, v in sorted(names.items(), key=lambda kv: kv[1]) if v in present]
+    if not segments:
+        return ""
+    segments[0]["model_name"] = description
+    return nifti_to_dicom_seg(series_dir, str(label), segments, use_itk=False)

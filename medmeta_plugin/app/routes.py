@@ -61,10 +61,9 @@ def _dicom_seg(background_tasks: BackgroundTasks, model: str, image: str, params
     writes it with pydicom-seg (MONAI Label's converter, its Python branch), naming the segments from the
     response's ``label_names``.
     """
-    from monailabel.datastore.utils.convert import nifti_to_dicom_seg
     from monailabel.utils.others.generic import remove_file
 
-    from medmeta_plugin.app.dicomweb import MedMetaDICOMWebDatastore
+    from medmeta_plugin.app.dicomweb import MedMetaDICOMWebDatastore, write_seg
 
     instance = app_instance()
     datastore = instance.datastore()
@@ -73,8 +72,7 @@ def _dicom_seg(background_tasks: BackgroundTasks, model: str, image: str, params
     result = instance.infer({**params, "model": model, "image": image})
     labels = result.get("file") or result.get("label")
     names = (result.get("params") or {}).get("label_names", {})
-    segments = [{"name": n, "idx": v} for n, v in sorted(names.items(), key=lambda kv: kv[1])]
-    seg = nifti_to_dicom_seg(datastore.series_dir(image), labels, segments, use_itk=False)
+    seg = write_seg(datastore.series_dir(image), labels, names, "medmeta result")
     background_tasks.add_task(remove_file, labels)
     if not seg:
         raise HTTPException(400, "the result holds no segment to write as DICOM SEG.")

@@ -188,25 +188,42 @@ def _stop_on_sigterm(*_: object) -> None:
     raise KeyboardInterrupt  # so a `kill` (SIGTERM) stops Orthanc and the server like Ctrl+C
 
 
+def _label_demo_structures(server: subprocess.Popen, url: str, series_dir: Path, names: tuple) -> None:
+    """Once the server answers, label the demo structures on the CT as 3D Slicer would: OHIF's panel cannot
+    submit labels, and medmeta has nothing to segment until a structure is labelled."""
+    from medmeta_plugin.stack.studies import submit_sample_label
+
+    while not server_answers(url):
+        if server.poll() is not None:
+            return  # the server's own output says why
+        time.sleep(0.5)
+    submit_sample_label(url, "ct_abdomen_a", series_dir, list(names))
+    print(f"medmeta demo-pacs: labelled {', '.join(names)} on the CT; adapting them now.", flush=True)
+
+
 def _demo_pacs(args: argparse.Namespace) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
+    from medmeta_plugin.app.demo import DEMO_STRUCTURES
     from medmeta_plugin.stack.orthanc import OrthancServer
     from medmeta_plugin.stack.studies import load_sample_studies
 
     orthanc = OrthancServer(args.root / "orthanc").start()
     try:
-        if not orthanc.get("/series"):
+        first_run = not orthanc.get("/series")
+        if first_run:
             load_sample_studies(orthanc, args.root / "dicom")
         url = f"http://{args.host}:{args.port}"
         print(
             f"""
 medmeta demo-pacs: Orthanc (DICOMweb {orthanc.dicomweb}) with the sample CT and MR of two patients,
-and the MONAI Label server on {url} reading its studies over DICOMweb.
-OHIF: {url}/ohif/  - open a study, MONAI Label panel, model "medmeta"; labels saved there are stored back in
-Orthanc as DICOM SEG.  Orthanc's own explorer: {orthanc.url}/app/explorer.html.  Stop with Ctrl+C.
+and the MONAI Label server on {url} reading its studies over DICOMweb; {", ".join(DEMO_STRUCTURES)}
+are labelled on the CT (stored in Orthanc as a DICOM SEG) and adapted as the server starts.
+OHIF: {url}/ohif/  - open MEDMETA-D (the MR) in the "MONAI Label" mode, connect the MONAI Label panel to
+{url}/, Auto-Segmentation: model "medmeta", Run.  Orthanc's explorer: {orthanc.url}/app/explorer.html.
+Stop with Ctrl+C.
 """,
             flush=True,
         )
@@ -214,6 +231,8 @@ Orthanc as DICOM SEG.  Orthanc's own explorer: {orthanc.url}/app/explorer.html. 
         env.setdefault("MONAI_LABEL_DICOMWEB_SEARCH_FILTER", "{}")
         server = subprocess.Popen(command, env=env)
         try:
+            if first_run:
+                _label_demo_structures(server, url, args.root / "dicom" / "ct_abdomen_a", DEMO_STRUCTURES)
             return server.wait()
         except KeyboardInterrupt:
             server.terminate()
