@@ -12,6 +12,7 @@ with respect to the fast parameters alone, so not even the backbone's ``.grad`` 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,8 +26,9 @@ from medmeta_plugin.adapt.head_init import init_head
 from medmeta_plugin.meta.objectives import task_loss, task_score
 from medmeta_plugin.networks.adapters import ADAPTER_MODES, FullAdapter
 from medmeta_plugin.networks.backbone import BackboneOutput
-from medmeta_plugin.networks.heads import TASK_KINDS
+from medmeta_plugin.networks.heads import SEGMENTATION_HEADS, TASK_KINDS
 from medmeta_plugin.networks.model import MetaModel, TaskAdapter, TaskInfo
+from medmeta_plugin.networks.position import body_position
 
 __all__ = ["HEAD_VOXELS", "VOXEL_SAMPLES", "AdaptBudget", "AdaptReport", "adapt", "stack_support"]
 
@@ -57,6 +59,8 @@ class AdaptBudget:
         head_init: initialise the head in closed form from the support features (else at random).
         early_stopping: choose the step count by leave-one-out when k >= 2.
         voxel_sample: how head-mode segmentation samples voxels, one of :data:`VOXEL_SAMPLES`.
+        prior_shift: after fitting on a ``balanced`` sample, shift the head's bias back to the support
+            volumes' foreground fraction (see ``_Fitter.prior_shift``).
     """
 
     steps: int = 30
@@ -65,6 +69,7 @@ class AdaptBudget:
     head_init: bool = True
     early_stopping: bool = True
     voxel_sample: str = "balanced"
+    prior_shift: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -210,22 +215,31 @@ class _Fitter:
         if base is None:
             with torch.no_grad():
                 base = model.backbone(images)  # identity-adapter features: head init and head-mode cache
+        if base.position is None:
+            base = base._replace(position=body_position(images))
         self.base = base
         self.sample: tuple[BackboneOutput, torch.Tensor, torch.Tensor | None] | None = None
         n_vox = images[0, 0].numel()
         if info.mode == "head" and info.kind == "segmentation" and n_vox > HEAD_VOXELS:
             index, weight = _voxel_sample(targets, HEAD_VOXELS, budget.voxel_sample)
-            k, c = self.base.features.shape[:2]
-            feats = torch.gather(self.base.features.reshape(k, c, -1), 2, index[:, None].expand(k, c, -1))
-            masks = torch.gather(targets.reshape(k, 1, -1), 2, index[:, None])
-            feats, masks = feats.view(k, c, -1, 1, 1), masks.view(k, 1, -1, 1, 1)
-            self.sample = (BackboneOutput(feats, self.base.embedding), masks, weight)
+
+            def gather(volumes: torch.Tensor) -> torch.Tensor:  # (k, C, X, Y, Z) -> (k, C, n, 1, 1)
+                k, c = volumes.shape[:2]
+                picked = torch.gather(volumes.reshape(k, c, -1), 2, index[:, None].expand(k, c, -1))
+                return picked.view(k, c, -1, 1, 1)
+
+            position = self.base.position
+            self.sample = (
+                BackboneOutput(gather(self.base.features), self.base.embedding, gather(position)),
+                gather(targets),
+                weight,
+            )
 
     def new_task(self, idx: list[int]) -> TaskAdapter:
         task = TaskAdapter(self.info, self.model.backbone).to(self.images.device)
         if self.budget.head_init:
             with torch.no_grad():
-                base = BackboneOutput(self.base.features[idx], self.base.embedding[idx])
+                base = self.base.take(idx)
                 head = init_head(self.info.kind, base, self.targets[idx], self.info.num_outputs)
                 layer = task.head.conv if self.info.kind == "segmentation" else task.head.linear
                 layer.weight.copy_(head["weight"])
@@ -236,16 +250,33 @@ class _Fitter:
         """Loss of a fitting step (on the voxel sample in head-mode segmentation)."""
         if self.sample is not None:
             out, masks, weight = self.sample
-            logits = task.head(BackboneOutput(out.features[idx], out.embedding[idx]))
+            logits = task.head(out.take(idx))
             return task_loss(self.info.kind, logits, masks[idx], None if weight is None else weight[idx])
         return task_loss(self.info.kind, self.forward(task, idx), self.targets[idx])
+
+    def prior_shift(self, idx: list[int]) -> float:
+        """Logit shift from the ``balanced`` voxel sample's foreground fraction to that of the volumes.
+
+        A head fitted on a sample that is half foreground learns a prior of one half; a structure that is
+        0.3% of the scan then spreads over everything that looks a little like it. Adding
+        ``logit(whole-volume fraction) - logit(sample fraction)`` to the logits restores the volumes' prior
+        (the logit adjustment for a known change of class prior, Saerens et al. 2002).
+        """
+        if self.sample is None or self.budget.voxel_sample != "balanced" or not self.budget.prior_shift:
+            return 0.0
+        whole = float(self.targets[idx].mean())
+        sampled = float(self.sample[1][idx].mean())
+        if not (0.0 < whole < 1.0 and 0.0 < sampled < 1.0):
+            return 0.0
+        return math.log(whole / (1 - whole)) - math.log(sampled / (1 - sampled))
 
     def forward(self, task: TaskAdapter, idx: list[int]) -> torch.Tensor:
         """Output of ``task`` on the whole support cases ``idx``."""
         if self.info.mode == "head":
-            return task.head(BackboneOutput(self.base.features[idx], self.base.embedding[idx]))
+            return task.head(self.base.take(idx))
         backbone = task.adapter.backbone if isinstance(task.adapter, FullAdapter) else self.model.backbone
-        return task.head(backbone(self.images[idx], adapter=task.adapter))
+        out = backbone(self.images[idx], adapter=task.adapter)
+        return task.head(out._replace(position=self.base.position[idx]))
 
     def fit(
         self, task: TaskAdapter, idx: list[int], steps: int, held_out: list[int] | None = None
@@ -253,12 +284,13 @@ class _Fitter:
         """Take ``steps`` Adam steps on ``task``; score ``held_out`` every ``eval_every`` steps."""
         params = [p for p in task.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=self.budget.lr)
+        shift = self.prior_shift(idx)
         scores: list[float] = []
         loss = torch.zeros(())
         for step in range(steps + 1):
             if held_out is not None and step % self.budget.eval_every == 0:
                 with torch.no_grad():
-                    out = self.forward(task, held_out)
+                    out = self.forward(task, held_out) + shift
                 scores.append(task_score(self.info.kind, out, self.targets[held_out]))
             if step == steps:
                 break
@@ -268,6 +300,8 @@ class _Fitter:
                 p.grad = g
             optimizer.step()
         with torch.no_grad():
+            if shift:
+                task.head.conv.bias += shift
             final = float(task_loss(self.info.kind, self.forward(task, idx), self.targets[idx]))
         return final, scores
 
@@ -283,6 +317,7 @@ def adapt(
     num_outputs: int | None = None,
     seed: int = 0,
     features: BackboneOutput | None = None,
+    head: str = "linear",
 ) -> tuple[TaskAdapter, AdaptReport]:
     """Adapt a fresh task adapter to ``support`` without modifying ``model``.
 
@@ -300,7 +335,10 @@ def adapt(
         features: the backbone's output on the stacked support images (features (k, C, X, Y, Z),
             embedding (k, E)), if already computed, e.g. once for several structures labelled on the same
             scans; computed here if None. The backbone has no batch statistics, so per-case outputs
-            concatenated along the batch are the same thing.
+            concatenated along the batch are the same thing. Positions are computed from the images when
+            ``features.position`` is None.
+        head: segmentation head kind, ``linear`` or ``position``
+            (:data:`~medmeta_plugin.networks.heads.SEGMENTATION_HEADS`).
 
     Returns:
         The fitted :class:`TaskAdapter` and an :class:`AdaptReport`.
@@ -321,7 +359,7 @@ def adapt(
         if int(targets.max()) >= num_outputs or int(targets.min()) < 0:
             raise ValueError(f"class targets {targets.tolist()} out of range for num_outputs={num_outputs}.")
     outputs = num_outputs if num_outputs is not None else (targets.shape[1] if kind == "regression" else 1)
-    info = TaskInfo(name, kind, mode, int(outputs))
+    info = TaskInfo(name, kind, mode, int(outputs), head=look_up_option(head, SEGMENTATION_HEADS))
     k = images.shape[0]
     if features is not None and (
         features.features.shape[0] != k or features.features.shape[2:] != images.shape[2:]

@@ -15,6 +15,7 @@ from monai.utils import look_up_option
 
 from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks import ADAPTER_MODES
+from medmeta_plugin.networks.heads import SEGMENTATION_HEADS
 
 __all__ = ["DEFAULT_BACKBONE", "AppConfig", "parse_conf"]
 
@@ -33,6 +34,9 @@ class AppConfig:
         backbone: the meta-learned backbone (``.safetensors``); default the shipped one in ``sample_apps``.
         mode: adapter mode fitted on submitted labels; ``head`` by default (features cached, seconds on a
             CPU), the mode the few-shot benchmark chose (see README, Results).
+        head: segmentation head of adapted structures: ``linear`` (features only) or ``position``
+            (features and where the voxel lies in the body, to tell mirror-image structures apart); ``linear``
+            by measurement (docs/benchmarks/position-head.md).
         spacing: working voxel size in mm: images are resampled to it for adaptation and inference and the
             result is resampled back to the image's own grid. 3 mm is the spacing of the abdominal scans the
             backbone saw in meta-training.
@@ -54,6 +58,7 @@ class AppConfig:
 
     backbone: Path = DEFAULT_BACKBONE
     mode: str = "head"
+    head: str = "linear"
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
     adapt_steps: int = 30
     max_shots: int = 8
@@ -161,6 +166,8 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
             values[key] = path
         elif key == "mode":
             values[key] = look_up_option(raw, ADAPTER_MODES)
+        elif key == "head":
+            values[key] = look_up_option(raw, SEGMENTATION_HEADS)
         elif key == "spacing":
             values[key] = _floats3(key, raw)
         elif key == "roi":

@@ -348,10 +348,7 @@ class Engine:
                 items.append({"image": volume.image[0], "target": ex.target})
         shapes = {tuple(it["image"].shape[1:]) for it in items}
         if len(shapes) == 1:
-            base = BackboneOutput(
-                torch.cat([b.features for _, b in volumes]), torch.cat([b.embedding for _, b in volumes])
-            )
-            return items, base
+            return items, BackboneOutput.cat([b for _, b in volumes])
         target = tuple(max(s[i] for s in shapes) for i in range(3))
         for it in items:
             pad = [p for s, t in zip(reversed(it["image"].shape[1:]), reversed(target)) for p in (0, t - s)]
@@ -385,7 +382,15 @@ class Engine:
         budget = AdaptBudget(steps=self.config.adapt_steps)
         model = self.model
         adapter, report = adapt(
-            model, support, kind, self.config.mode, budget, name=name, num_outputs=num_outputs, features=base
+            model,
+            support,
+            kind,
+            self.config.mode,
+            budget,
+            name=name,
+            num_outputs=num_outputs,
+            features=base,
+            head=self.config.head,
         )
         staging = MetaModel(model.backbone)
         staging.attach(adapter)

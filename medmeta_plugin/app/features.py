@@ -19,6 +19,7 @@ from monai.inferers import sliding_window_inference
 from medmeta_plugin.app.config import AppConfig
 from medmeta_plugin.app.grid import WorkingVolume, load_working
 from medmeta_plugin.networks import Backbone3D, BackboneOutput, FullAdapter, TaskAdapter
+from medmeta_plugin.networks.position import body_position
 
 __all__ = ["CACHE_ENTRIES", "FeatureCache", "backbone_output"]
 
@@ -39,7 +40,7 @@ def backbone_output(
         config: ``whole_volume_voxels`` and ``roi`` decide between one pass and a sliding window.
 
     Returns:
-        features (1, F, X, Y, Z) and embedding (1, E).
+        features (1, F, X, Y, Z), embedding (1, E) and position (1, P, X, Y, Z) of the whole scan.
     """
     adapter = task.adapter if task is not None else None
     net = adapter.backbone if isinstance(adapter, FullAdapter) else backbone
@@ -54,7 +55,7 @@ def backbone_output(
     factor = (config.whole_volume_voxels / image[0, 0].numel()) ** (1 / 3)
     size = [max(2 * divisor, int(s * factor) // divisor * divisor) for s in image.shape[2:]]
     small = torch.nn.functional.interpolate(image, size=size, mode="trilinear", align_corners=False)
-    return BackboneOutput(features=features, embedding=net(small, adapter=adapter).embedding)
+    return BackboneOutput(features, net(small, adapter=adapter).embedding, body_position(image))
 
 
 class FeatureCache:

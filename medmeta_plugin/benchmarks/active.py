@@ -64,7 +64,7 @@ def _family_pools(
 def _features(model: MetaModel, items: list[dict[str, torch.Tensor]]) -> BackboneOutput:
     with torch.no_grad():
         outs = [model.backbone(it["image"][None]) for it in items]
-    return BackboneOutput(torch.cat([o.features for o in outs]), torch.cat([o.embedding for o in outs]))
+    return BackboneOutput.cat(outs)
 
 
 def _run_strategy(
@@ -85,7 +85,7 @@ def _run_strategy(
     embeddings = train_feats.embedding.numpy()
     for _ in range(rounds):
         idx = list(labelled)
-        base = BackboneOutput(train_feats.features[idx], train_feats.embedding[idx])
+        base = train_feats.take(idx)
         budget = AdaptBudget(steps=steps)
         support = [train[i] for i in idx]
         adapter, _ = adapt(

@@ -45,6 +45,7 @@ from medmeta_plugin.benchmarks.suites import EvalTask, build_suite
 from medmeta_plugin.meta.objectives import task_score
 from medmeta_plugin.networks import ADAPTER_MODES, Backbone3D, MetaModel, load_backbone
 from medmeta_plugin.networks.backbone import BackboneOutput
+from medmeta_plugin.networks.heads import SEGMENTATION_HEADS
 
 __all__ = [
     "METHODS",
@@ -79,6 +80,10 @@ class BenchmarkConfig:
         tasks: evaluate only these tasks of the suite (default: all of them).
         voxel_sample: how head mode samples segmentation voxels, one of
             :data:`~medmeta_plugin.adapt.VOXEL_SAMPLES` (default: that of ``AdaptBudget``).
+        heads: segmentation head kinds to compare (:data:`~medmeta_plugin.networks.SEGMENTATION_HEADS`);
+            every method but ``scratch`` runs once per kind, as ``<method>`` for ``linear`` and
+            ``<method>@<head>`` for the others. Ignored by classification and regression tasks.
+        prior_shift: :attr:`~medmeta_plugin.adapt.AdaptBudget.prior_shift` of head-mode adaptation.
     """
 
     suite: str
@@ -91,9 +96,13 @@ class BenchmarkConfig:
     steps: int = 10
     tasks: tuple[str, ...] | None = None
     voxel_sample: str = AdaptBudget.voxel_sample
+    heads: tuple[str, ...] = ("linear",)
+    prior_shift: bool = True
 
     def __post_init__(self) -> None:
         look_up_option(self.voxel_sample, VOXEL_SAMPLES)
+        for head in self.heads:
+            look_up_option(head, SEGMENTATION_HEADS)
 
 
 def _pad(array: torch.Tensor, divisor: int) -> torch.Tensor:
@@ -142,9 +151,7 @@ class _FeatureCache:
     ) -> tuple[BackboneOutput, float]:
         """Stacked backbone output of support ``items`` and the total seconds of its extraction."""
         outs = [self.get(family, backbone, it["image"]) for it in items]
-        features = torch.cat([o.features for o, _ in outs])
-        embedding = torch.cat([o.embedding for o, _ in outs])
-        return BackboneOutput(features, embedding), sum(s for _, s in outs)
+        return BackboneOutput.cat([o for o, _ in outs]), sum(s for _, s in outs)
 
 
 @torch.no_grad()
@@ -223,11 +230,19 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
     scratch_config = reference.config if reference is not None else Backbone3D().config
     divisor = (reference or Backbone3D(scratch_config)).size_divisor
     records = []
+    heads = {
+        m: (("linear",) if m == "scratch" else config.heads) for m in config.methods
+    }  # scratch has no head choice
     jobs = [
-        (t, k, s, m) for t in tasks for k in config.shots for s in range(config.seeds) for m in config.methods
+        (t, k, s, m, h)
+        for t in tasks
+        for k in config.shots
+        for s in range(config.seeds)
+        for m in config.methods
+        for h in (heads[m] if t.kind == "segmentation" else ("linear",))
     ]
     cache = _FeatureCache(divisor)
-    for task, shots, seed, method in tqdm(jobs, desc=f"benchmark {config.suite}"):
+    for task, shots, seed, method, head in tqdm(jobs, desc=f"benchmark {config.suite}"):
         drawn = task.draw_support(shots, seed)
         support = _prepare_support(drawn, divisor)
         family, _, mode = method.partition("+")
@@ -239,13 +254,14 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
             mode = "full"
         else:
             model = MetaModel(backbones[family])
-            head = mode == "head"
+            head_mode = mode == "head"
             budget = AdaptBudget(
-                steps=config.head_steps if head else config.steps,
-                early_stopping=head,
+                steps=config.head_steps if head_mode else config.steps,
+                early_stopping=head_mode,
                 voxel_sample=config.voxel_sample,
+                prior_shift=config.prior_shift,
             )
-            if head:
+            if head_mode:
                 features, extract_seconds = cache.support(family, backbones[family], drawn)
                 cached = (cache, family)
         if device.type == "cuda":
@@ -261,13 +277,14 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
             num_outputs=num_outputs,
             seed=seed,
             features=features,
+            head=head,
         )
         model.attach(adapter)
         value = _score(model, task, "bench", divisor, cached)
         metric = {"segmentation": "dice", "classification": "accuracy", "regression": "mae_ml"}[task.kind]
         records.append(
             {
-                "method": method,
+                "method": method if head == "linear" else f"{method}@{head}",
                 "task": task.name,
                 "kind": task.kind,
                 "shots": shots,

@@ -185,6 +185,7 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     from medmeta_plugin.adapt import VOXEL_SAMPLES, AdaptBudget
     from medmeta_plugin.benchmarks.fewshot import METHODS, SHIPPED
     from medmeta_plugin.benchmarks.suites import SUITES
+    from medmeta_plugin.networks.heads import SEGMENTATION_HEADS
 
     p = subparsers.add_parser("benchmark", help="benchmarks that print figures")
     inner = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
@@ -201,6 +202,22 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
         choices=VOXEL_SAMPLES,
         default=AdaptBudget.voxel_sample,
         help="head-mode voxel sample",
+    )
+    f.add_argument(
+        "--heads",
+        nargs="+",
+        choices=SEGMENTATION_HEADS,
+        default=["linear"],
+        help="segmentation head kinds to compare (each method but scratch runs once per kind)",
+    )
+    f.add_argument(
+        "--head-steps", type=int, default=30, help="step budget of head mode (leave-one-out picks fewer)"
+    )
+    f.add_argument(
+        "--no-prior-shift",
+        dest="prior_shift",
+        action="store_false",
+        help="keep the balanced voxel sample's prior in head-mode heads (see AdaptBudget.prior_shift)",
     )
     f.add_argument("--out", type=Path, default=Path("results.json"))
     f.add_argument("--plot", type=Path, help="PNG of the metric against shots per method")
@@ -235,6 +252,9 @@ def _benchmark_fewshot(args: argparse.Namespace) -> int:
         multitask_backbone=args.multitask_backbone,
         tasks=tuple(args.tasks) if args.tasks else None,
         voxel_sample=args.voxel_sample,
+        heads=tuple(args.heads),
+        prior_shift=args.prior_shift,
+        head_steps=args.head_steps,
     )
     results = run_benchmark(config)
     write_results(results, args.out)

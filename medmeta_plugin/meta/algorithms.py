@@ -77,10 +77,7 @@ class TaskBatch:
 
 
 def _split(out: BackboneOutput, k: int) -> tuple[BackboneOutput, BackboneOutput]:
-    return (
-        BackboneOutput(out.features[:k], out.embedding[:k]),
-        BackboneOutput(out.features[k:], out.embedding[k:]),
-    )
+    return out.take(slice(None, k)), out.take(slice(k, None))
 
 
 def _head_names(kind: str) -> tuple[str, str]:

@@ -17,6 +17,8 @@ from monai.networks.blocks import Convolution, UpSample
 from monai.utils import look_up_option
 from torch import nn
 
+from medmeta_plugin.networks.position import body_position
+
 if TYPE_CHECKING:
     from medmeta_plugin.networks.adapters import Adapter
 
@@ -83,10 +85,28 @@ class BackboneOutput(NamedTuple):
     Attributes:
         features: voxel feature map, shape (B, features[0], X, Y, Z).
         embedding: pooled volume embedding, shape (B, features[-1] + features[0]).
+        position: where each voxel lies in the body, shape (B, P, X, Y, Z)
+            (:func:`~medmeta_plugin.networks.position.body_position`, computed on the whole image), or None
+            where it is not known; only segmentation heads with a position input read it.
     """
 
     features: torch.Tensor
     embedding: torch.Tensor
+    position: torch.Tensor | None = None
+
+    def take(self, index: list[int] | slice) -> BackboneOutput:
+        """The output of some cases of the batch (every tensor indexed along its batch axis)."""
+        position = None if self.position is None else self.position[index]
+        return BackboneOutput(self.features[index], self.embedding[index], position)
+
+    @staticmethod
+    def cat(outputs: list[BackboneOutput]) -> BackboneOutput:
+        """Concatenate outputs of equal spatial size along the batch axis (positions if all have them)."""
+        positions = [o.position for o in outputs if o.position is not None]
+        position = torch.cat(positions) if len(positions) == len(outputs) else None
+        return BackboneOutput(
+            torch.cat([o.features for o in outputs]), torch.cat([o.embedding for o in outputs]), position
+        )
 
 
 class AdaptableConv(nn.Module):
@@ -213,8 +233,9 @@ class Backbone3D(nn.Module):
             adapter: optional task adapter that shifts convolution kernels and modulates decoder levels.
 
         Returns:
-            :class:`BackboneOutput` with ``features`` (B, features[0], X, Y, Z) and ``embedding``
-            (B, features[-1] + features[0]).
+            :class:`BackboneOutput` with ``features`` (B, features[0], X, Y, Z), ``embedding``
+            (B, features[-1] + features[0]) and ``position`` (B, P, X, Y, Z) of ``x`` (for a crop of a larger
+            image, replace it by the whole image's, cropped).
 
         Raises:
             ValueError: if ``x`` is not 5D, has the wrong channel count or a size not divisible as required.
@@ -240,4 +261,4 @@ class Backbone3D(nn.Module):
             if adapter is not None:
                 h = adapter.modulate(level, h)
         embedding = torch.cat([bottleneck.mean(dim=(2, 3, 4)), h.mean(dim=(2, 3, 4))], dim=1)
-        return BackboneOutput(features=h, embedding=embedding)
+        return BackboneOutput(features=h, embedding=embedding, position=body_position(x))

@@ -1,4 +1,13 @@
-"""Task heads: turn backbone features into a segmentation, classification or regression output."""
+"""Task heads: turn backbone features into a segmentation, classification or regression output.
+
+Segmentation heads come in two kinds (:data:`SEGMENTATION_HEADS`):
+
+- ``linear``: a 1x1x1 convolution of the voxel features, ``C + 1`` parameters;
+- ``position``: the same linear map plus a small residual per-voxel MLP of the voxel features
+  and the voxel's position in the body (:mod:`medmeta_plugin.networks.position`). The MLP's last layer
+  starts at zero, so a fresh head equals the linear one (and its prototype initialisation); adaptation
+  then learns where, as well as what, the structure is. ``(C + P) * H + 2 * H + 1`` more parameters.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +16,74 @@ from monai.utils import look_up_option
 from torch import nn
 
 from medmeta_plugin.networks.backbone import BackboneOutput
+from medmeta_plugin.networks.position import POSITION_CHANNELS
 
-__all__ = ["TASK_KINDS", "ClassificationHead", "RegressionHead", "SegmentationHead", "build_head"]
+__all__ = [
+    "POSITION_HIDDEN",
+    "SEGMENTATION_HEADS",
+    "TASK_KINDS",
+    "ClassificationHead",
+    "RegressionHead",
+    "SegmentationHead",
+    "build_head",
+]
 
 TASK_KINDS = ("segmentation", "classification", "regression")
+SEGMENTATION_HEADS = ("linear", "position")
+#: Hidden channels of the ``position`` head's MLP: enough for a smooth location prior of any shape.
+POSITION_HIDDEN = 32
+# Whole scans are passed through the MLP in slabs of at most this many voxels, so that its hidden
+# activations (POSITION_HIDDEN channels) stay ~128 MB whatever the scan's size.
+_SLAB_VOXELS = 1 << 20
 
 
 class SegmentationHead(nn.Module):
-    """Binary mask logits for one structure from the voxel features.
+    """Binary mask logits for one structure from the voxel features (and, optionally, their positions).
 
     Args:
         in_channels: backbone feature channels.
+        kind: ``linear`` or ``position`` (see the module docstring).
     """
 
-    def __init__(self, in_channels: int) -> None:
+    def __init__(self, in_channels: int, kind: str = "linear") -> None:
         super().__init__()
+        self.kind = look_up_option(kind, SEGMENTATION_HEADS)
         self.conv = nn.Conv3d(in_channels, 1, kernel_size=1)
+        self.mlp: nn.Sequential | None = None
+        if self.kind == "position":
+            # Per-voxel linear layers on channel-last tensors: a matmul, ~10x faster on a CPU than 1x1x1
+            # convolutions on the (k, C, n, 1, 1) voxel samples adaptation fits on.
+            self.mlp = nn.Sequential(
+                nn.Linear(in_channels + POSITION_CHANNELS, POSITION_HIDDEN),
+                nn.LeakyReLU(0.01),
+                nn.Linear(POSITION_HIDDEN, 1),
+            )
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
 
     def forward(self, out: BackboneOutput) -> torch.Tensor:
-        """Return logits of shape (B, 1, X, Y, Z) from features (B, C, X, Y, Z)."""
-        return self.conv(out.features)
+        """Return logits of shape (B, 1, X, Y, Z) from features (B, C, X, Y, Z) and position (B, P, X, Y, Z).
+
+        Raises:
+            ValueError: for a ``position`` head given an output without positions.
+        """
+        logits = self.conv(out.features)
+        if self.mlp is None:
+            return logits
+        if out.position is None:
+            raise ValueError("a 'position' segmentation head needs BackboneOutput.position; got None.")
+        inputs = torch.cat([out.features, out.position.to(out.features.dtype)], dim=1)
+        voxels_per_x = inputs[0, 0, 0].numel() * inputs.shape[0]
+        step = max(1, _SLAB_VOXELS // voxels_per_x)
+        if torch.is_grad_enabled() or step >= inputs.shape[2]:
+            return logits + self._mlp(inputs)
+        slabs = [self._mlp(inputs[:, :, i : i + step]) for i in range(0, inputs.shape[2], step)]
+        return logits + torch.cat(slabs, dim=2)
+
+    def _mlp(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(B, C + P, X, Y, Z) -> (B, 1, X, Y, Z)."""
+        assert self.mlp is not None
+        return self.mlp(inputs.movedim(1, -1)).movedim(-1, 1)
 
 
 class ClassificationHead(nn.Module):
@@ -68,7 +125,11 @@ class RegressionHead(nn.Module):
 
 
 def build_head(
-    kind: str, feature_channels: int, embedding_dim: int, num_outputs: int | None = None
+    kind: str,
+    feature_channels: int,
+    embedding_dim: int,
+    num_outputs: int | None = None,
+    segmentation_head: str = "linear",
 ) -> nn.Module:
     """Build the head for a task kind.
 
@@ -78,9 +139,10 @@ def build_head(
         embedding_dim: length of the backbone's embedding (classification, regression).
         num_outputs: classes for classification (required), values for regression (default 1); must be
             ``None`` or 1 for segmentation.
+        segmentation_head: one of :data:`SEGMENTATION_HEADS` (segmentation only).
 
     Raises:
-        ValueError: for an unknown kind or an invalid ``num_outputs``.
+        ValueError: for an unknown kind or head, or an invalid ``num_outputs``.
     """
     kind = look_up_option(kind, TASK_KINDS)
     if kind == "segmentation":
@@ -88,7 +150,7 @@ def build_head(
             raise ValueError(
                 f"segmentation heads have one output (a binary mask), got num_outputs={num_outputs}."
             )
-        return SegmentationHead(feature_channels)
+        return SegmentationHead(feature_channels, segmentation_head)
     if kind == "classification":
         if num_outputs is None:
             raise ValueError("classification heads need num_outputs (the number of classes).")

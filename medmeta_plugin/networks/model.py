@@ -37,6 +37,8 @@ class TaskInfo:
         mode: adapter mode (``head``, ``film``, ``lora``, ``full``).
         num_outputs: classes (classification) or values (regression); 1 for segmentation.
         hparams: adapter hyper-parameters (e.g. LoRA rank).
+        head: segmentation head kind (:data:`~medmeta_plugin.networks.heads.SEGMENTATION_HEADS`);
+            ``linear`` for the other kinds.
     """
 
     name: str
@@ -44,6 +46,7 @@ class TaskInfo:
     mode: str
     num_outputs: int = 1
     hparams: tuple[tuple[str, int | float], ...] = ()
+    head: str = "linear"
 
 
 class TaskAdapter(nn.Module):
@@ -53,10 +56,13 @@ class TaskAdapter(nn.Module):
         super().__init__()
         self.info = info
         self.adapter: Adapter = build_adapter(info.mode, backbone, **dict(info.hparams))
-        self.head = build_head(info.kind, backbone.feature_channels, backbone.embedding_dim, info.num_outputs)
+        head = info.head if info.kind == "segmentation" else "linear"
+        self.head = build_head(
+            info.kind, backbone.feature_channels, backbone.embedding_dim, info.num_outputs, head
+        )
         # The stored hparams are the adapter's effective ones (defaults filled in).
         self.info = TaskInfo(
-            info.name, info.kind, info.mode, info.num_outputs, tuple(self.adapter.hparams().items())
+            info.name, info.kind, info.mode, info.num_outputs, tuple(self.adapter.hparams().items()), head
         )
 
 
@@ -82,7 +88,13 @@ class MetaModel(nn.Module):
     # ----- task management -------------------------------------------------------------------------------
 
     def add_task(
-        self, name: str, kind: str, mode: str = "film", num_outputs: int | None = None, **hparams: int | float
+        self,
+        name: str,
+        kind: str,
+        mode: str = "film",
+        num_outputs: int | None = None,
+        head: str = "linear",
+        **hparams: int | float,
     ) -> TaskAdapter:
         """Add a fresh (identity) adapter and head for a task, replacing any adapter of the same name.
 
@@ -91,6 +103,7 @@ class MetaModel(nn.Module):
             kind: ``segmentation``, ``classification`` or ``regression``.
             mode: adapter mode, one of ``head``, ``film``, ``lora``, ``full``.
             num_outputs: classes for classification, values for regression.
+            head: segmentation head kind, ``linear`` or ``position``.
             **hparams: adapter hyper-parameters (``rank``, ``alpha`` for ``lora``).
 
         Returns:
@@ -100,7 +113,7 @@ class MetaModel(nn.Module):
         outputs = num_outputs if num_outputs is not None else (1 if kind != "classification" else None)
         if outputs is None:
             raise ValueError(f"task {name!r}: classification needs num_outputs (the number of classes).")
-        info = TaskInfo(name, kind, mode, int(outputs), tuple(sorted(hparams.items())))
+        info = TaskInfo(name, kind, mode, int(outputs), tuple(sorted(hparams.items())), head)
         task = TaskAdapter(info, self.backbone).to(self._device())
         self.tasks[name] = task
         return task

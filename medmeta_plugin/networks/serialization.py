@@ -3,8 +3,9 @@
 An adapter ``<folder>/<task>.safetensors`` comes with ``<folder>/<task>.json``::
 
     {"format": "medmeta-adapter", "format_version": 1, "task": "liver", "kind": "segmentation",
-     "mode": "film", "num_outputs": 1, "hparams": {}, "backbone_hash": "<sha256>", "shots": 3,
-     "created": "2026-11-26T07:00:00+00:00", "weights_sha256": "<sha256 of the .safetensors file>", ...}
+     "mode": "film", "num_outputs": 1, "hparams": {}, "head": "linear", "backbone_hash": "<sha256>",
+     "shots": 3, "created": "2026-11-26T07:00:00+00:00", "weights_sha256": "<sha256 of the .safetensors
+     file>", ...}
 
 ``weights_sha256`` ties the two files together: if a crash ever leaves a new weights file beside an old
 metadata file (each is written atomically, but not both at once), loading refuses the pair instead of
@@ -175,6 +176,7 @@ def save_adapter(
         "mode": info.mode,
         "num_outputs": info.num_outputs,
         "hparams": dict(info.hparams),
+        "head": info.head,
         "backbone_hash": backbone_hash(model.backbone),
         "shots": shots,
         "created": _now(),
@@ -215,6 +217,7 @@ def load_adapter(model: MetaModel, path: str | Path, allow_backbone_mismatch: bo
             mode=meta["mode"],
             num_outputs=int(meta["num_outputs"]),
             hparams=tuple(sorted(meta.get("hparams", {}).items())),
+            head=meta.get("head", "linear"),  # adapters saved before heads had kinds are linear
         )
         adapter = TaskAdapter(info, model.backbone)
     except (KeyError, TypeError, ValueError) as err:

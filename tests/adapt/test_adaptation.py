@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -251,3 +253,34 @@ def test_cached_features_must_match_the_support(tiny_model: MetaModel) -> None:
 def test_invalid_budget(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         AdaptBudget(**kwargs)
+
+
+def test_the_prior_shift_restores_the_volumes_foreground_fraction(tiny_model: MetaModel) -> None:
+    """The balanced sample takes every foreground voxel (up to half the sample), so a structure that is 1%
+    of the volume is 2% of the sample; the shift moves the bias by logit(1%) - logit(2%)."""
+    from medmeta_plugin.adapt.adaptation import HEAD_VOXELS
+
+    size = 40  # 64k voxels > HEAD_VOXELS, so head mode fits on the sample
+    assert size**3 > HEAD_VOXELS
+    case = blob_cases(1, seed=3, size=size)[0]
+    case["label"] = torch.zeros_like(case["label"])
+    case["label"][:, 5:13, 5:13, 5:15] = 1.0  # 640 voxels, 1% of the volume
+    budget = AdaptBudget(steps=0)
+    shifted, _ = adapt(tiny_model, [case], "segmentation", "head", budget)
+    plain, _ = adapt(tiny_model, [case], "segmentation", "head", AdaptBudget(steps=0, prior_shift=False))
+    whole = 640 / size**3
+    sampled = 640 / HEAD_VOXELS
+    expected = math.log(whole / (1 - whole)) - math.log(sampled / (1 - sampled))
+    shift = float(shifted.head.conv.bias - plain.head.conv.bias)
+    assert shift == pytest.approx(expected, rel=1e-4) and shift < -0.6
+    # No shift for the uniform sample, which keeps the volumes' prior.
+    uniform = AdaptBudget(steps=0, voxel_sample="uniform")
+    a, _ = adapt(tiny_model, [case], "segmentation", "head", uniform)
+    b, _ = adapt(
+        tiny_model,
+        [case],
+        "segmentation",
+        "head",
+        AdaptBudget(steps=0, voxel_sample="uniform", prior_shift=False),
+    )
+    assert torch.equal(a.head.conv.bias, b.head.conv.bias)

@@ -24,6 +24,7 @@ def test_defaults_serve_the_shipped_backbone() -> None:
         ({"spacing": "1,1,2.5"}, "spacing", (1.0, 1.0, 2.5)),
         ({"roi": "64 64 32"}, "roi", (64, 64, 32)),
         ({"mode": "lora"}, "mode", "lora"),
+        ({"head": "position"}, "head", "position"),
         ({"adapt_steps": "5"}, "adapt_steps", 5),
         ({"labels": "liver,spleen"}, "labels", (("liver", 1), ("spleen", 2))),
         ({"labels": '{"spleen": 7}'}, "labels", (("spleen", 7),)),
@@ -44,6 +45,7 @@ def test_valid_values(conf: dict[str, str], field: str, expected: object) -> Non
         ({"spacing": "a,b,c"}, "spacing"),
         ({"roi": "64.5"}, "roi"),
         ({"mode": "lorra"}, "lora"),  # look_up_option suggests the close name
+        ({"head": "mlp"}, "position"),
         ({"adapt_steps": "-1"}, "adapt_steps"),
         ({"labels": "{bad json"}, "labels"),
         ({"labels": '{"a": 1, "b": 1}'}, "share one value"),
