@@ -34,8 +34,8 @@ class AppConfig:
         backbone: the meta-learned backbone (``.safetensors``); default the shipped one in ``sample_apps``.
         mode: adapter mode fitted on submitted labels; ``head`` by default (features cached, seconds on a
             CPU), the mode the few-shot benchmark chose (see README, Results).
-        head: segmentation head of adapted structures: ``linear`` (features only) or ``position``
-            (features and where the voxel lies in the body, to tell mirror-image structures apart); ``linear``
+        head: segmentation head of adapted structures: ``position`` (features and where the voxel lies in
+            the body, which tells mirror-image structures apart) or ``linear`` (features only); ``position``
             by measurement (docs/benchmarks/position-head.md).
         spacing: working voxel size in mm: images are resampled to it for adaptation and inference and the
             result is resampled back to the image's own grid. 3 mm is the spacing of the abdominal scans the
@@ -58,9 +58,9 @@ class AppConfig:
 
     backbone: Path = DEFAULT_BACKBONE
     mode: str = "head"
-    head: str = "linear"
+    head: str = "position"
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
-    adapt_steps: int = 30
+    adapt_steps: int = 200
     max_shots: int = 8
     max_voxels: int = 512**3
     roi: tuple[int, int, int] = (96, 96, 96)

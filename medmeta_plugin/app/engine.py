@@ -379,7 +379,8 @@ class Engine:
             raise ValueError(f"task {name!r} has no labelled example to adapt from.")
         examples = list(examples)[-self.config.max_shots :]
         support, base = self._support(kind, examples)
-        budget = AdaptBudget(steps=self.config.adapt_steps)
+        steps = self.config.adapt_steps
+        budget = AdaptBudget(steps=steps, eval_every=max(5, steps // 10))  # ~10 leave-one-out checkpoints
         model = self.model
         adapter, report = adapt(
             model,

@@ -81,8 +81,8 @@ class BenchmarkConfig:
         voxel_sample: how head mode samples segmentation voxels, one of
             :data:`~medmeta_plugin.adapt.VOXEL_SAMPLES` (default: that of ``AdaptBudget``).
         heads: segmentation head kinds to compare (:data:`~medmeta_plugin.networks.SEGMENTATION_HEADS`);
-            every method but ``scratch`` runs once per kind, as ``<method>`` for ``linear`` and
-            ``<method>@<head>`` for the others. Ignored by classification and regression tasks.
+            every method but ``scratch`` runs once per kind, recorded as ``<method>@<head>`` when there is
+            more than one kind. Ignored by classification and regression tasks.
         prior_shift: :attr:`~medmeta_plugin.adapt.AdaptBudget.prior_shift` of head-mode adaptation.
     """
 
@@ -92,11 +92,11 @@ class BenchmarkConfig:
     methods: tuple[str, ...] = METHODS
     meta_backbone: str = str(SHIPPED / "backbone.safetensors")
     multitask_backbone: str = str(SHIPPED / "multitask.safetensors")
-    head_steps: int = 30
+    head_steps: int = 200
     steps: int = 10
     tasks: tuple[str, ...] | None = None
     voxel_sample: str = AdaptBudget.voxel_sample
-    heads: tuple[str, ...] = ("linear",)
+    heads: tuple[str, ...] = ("position",)
     prior_shift: bool = True
 
     def __post_init__(self) -> None:
@@ -257,6 +257,7 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
             head_mode = mode == "head"
             budget = AdaptBudget(
                 steps=config.head_steps if head_mode else config.steps,
+                eval_every=max(5, config.head_steps // 10),  # ~10 leave-one-out checkpoints
                 early_stopping=head_mode,
                 voxel_sample=config.voxel_sample,
                 prior_shift=config.prior_shift,
@@ -284,7 +285,7 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
         metric = {"segmentation": "dice", "classification": "accuracy", "regression": "mae_ml"}[task.kind]
         records.append(
             {
-                "method": method if head == "linear" else f"{method}@{head}",
+                "method": f"{method}@{head}" if len(heads[method]) > 1 else method,
                 "task": task.name,
                 "kind": task.kind,
                 "shots": shots,

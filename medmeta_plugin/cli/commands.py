@@ -207,11 +207,11 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
         "--heads",
         nargs="+",
         choices=SEGMENTATION_HEADS,
-        default=["linear"],
+        default=["position"],
         help="segmentation head kinds to compare (each method but scratch runs once per kind)",
     )
     f.add_argument(
-        "--head-steps", type=int, default=30, help="step budget of head mode (leave-one-out picks fewer)"
+        "--head-steps", type=int, default=200, help="step budget of head mode (leave-one-out picks fewer)"
     )
     f.add_argument(
         "--no-prior-shift",

@@ -11,7 +11,9 @@ import pytest
 from medmeta_plugin.app.config import parse_conf
 from medmeta_plugin.app.engine import Engine, Example
 from medmeta_plugin.io import read_image
-from medmeta_plugin.networks import TaskAdapter, TaskInfo
+from medmeta_plugin.networks import TaskAdapter
+from medmeta_plugin.networks.heads import POSITION_HIDDEN
+from medmeta_plugin.networks.position import POSITION_CHANNELS
 from tests.app.conftest import app_conf
 
 
@@ -81,10 +83,14 @@ def test_memory_grows_by_the_adapters_only(engine: Engine, studies: dict) -> Non
     image_a = str(studies["studies"] / "a.nii.gz")
     backbone = sum(p.numel() for p in engine.model.backbone.parameters())
     engine.adapt_task("s000", "segmentation", [Example(image_a, str(studies["a"]), 1)])
+    info = engine.model.task("s000").info
     for i in range(1, 100):  # further adapters as adaptation builds them (fitting each would only cost time)
-        engine.model.attach(TaskAdapter(TaskInfo(f"s{i:03d}", "segmentation", "head"), engine.model.backbone))
+        engine.model.attach(TaskAdapter(dataclasses.replace(info, name=f"s{i:03d}"), engine.model.backbone))
     assert len(engine.tasks()) == 100
-    per_adapter = engine.model.backbone.feature_channels + 1  # a head-mode adapter is one 1x1x1 convolution
+    # A head-mode adapter is its head: a 1x1x1 convolution, plus the position head's per-voxel MLP.
+    c, p, h = engine.model.backbone.feature_channels, POSITION_CHANNELS, POSITION_HIDDEN
+    per_adapter = (c + 1) + ((c + p) * h + h + h + 1 if info.head == "position" else 0)
+    assert sum(p.numel() for p in engine.model.task("s000").parameters()) == per_adapter < 1000
     assert sum(p.numel() for p in engine.model.parameters()) == backbone + 100 * per_adapter
     # One backbone pass serves all 100 structures.
     assert len(engine.segment(image_a).names) == 100
