@@ -30,7 +30,16 @@ from medmeta_plugin.networks.heads import SEGMENTATION_HEADS, TASK_KINDS
 from medmeta_plugin.networks.model import MetaModel, TaskAdapter, TaskInfo
 from medmeta_plugin.networks.position import body_position
 
-__all__ = ["HEAD_VOXELS", "VOXEL_SAMPLES", "AdaptBudget", "AdaptReport", "adapt", "stack_support"]
+__all__ = [
+    "HEAD_MODE_STEPS",
+    "HEAD_VOXELS",
+    "VOXEL_SAMPLES",
+    "AdaptBudget",
+    "AdaptReport",
+    "adapt",
+    "head_mode_budget",
+    "stack_support",
+]
 
 # A segmentation head is a 1x1x1 convolution, a per-voxel linear model with C + 1 parameters: 32k voxels
 # per case is thousands of samples per parameter, while a 64^3 crop has 262k voxels and a whole abdominal
@@ -46,6 +55,11 @@ HEAD_VOXELS = 32768
 # (meta+head, 10 families, 2 seeds) mean Dice at 1/3/5 shots was 0.480/0.513/0.501 against
 # 0.473/0.496/0.492 uniform and 0.473/0.495/0.490 stratified; on abdomen-ct-to-mr all three stay ~0.
 VOXEL_SAMPLES = ("uniform", "stratified", "balanced")
+
+
+# Head-mode steps of the product (app, benchmarks): the position head's MLP needs ~200 steps to learn where a
+# structure is (docs/benchmarks/position-head.md); each costs a head pass over the voxel sample only.
+HEAD_MODE_STEPS = 200
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,16 @@ class AdaptBudget:
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1, got {self.eval_every}.")
         look_up_option(self.voxel_sample, VOXEL_SAMPLES)
+
+
+def head_mode_budget(steps: int = HEAD_MODE_STEPS, **kwargs: Any) -> AdaptBudget:
+    """The budget the app and the benchmarks give head mode: ``steps`` with ~10 leave-one-out checkpoints.
+
+    Args:
+        steps: step budget (leave-one-out may choose fewer).
+        **kwargs: further :class:`AdaptBudget` fields.
+    """
+    return AdaptBudget(steps=steps, eval_every=max(5, steps // 10), **kwargs)
 
 
 @dataclass

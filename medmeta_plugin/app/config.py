@@ -13,9 +13,10 @@ from pathlib import Path
 
 from monai.utils import look_up_option
 
+from medmeta_plugin.adapt.adaptation import HEAD_MODE_STEPS
 from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks import ADAPTER_MODES
-from medmeta_plugin.networks.heads import SEGMENTATION_HEADS
+from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
 
 __all__ = ["DEFAULT_BACKBONE", "AppConfig", "parse_conf"]
 
@@ -58,9 +59,9 @@ class AppConfig:
 
     backbone: Path = DEFAULT_BACKBONE
     mode: str = "head"
-    head: str = "position"
+    head: str = DEFAULT_SEGMENTATION_HEAD
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
-    adapt_steps: int = 200
+    adapt_steps: int = HEAD_MODE_STEPS
     max_shots: int = 8
     max_voxels: int = 512**3
     roi: tuple[int, int, int] = (96, 96, 96)

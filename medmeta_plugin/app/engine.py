@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medmeta_plugin.adapt import AdaptBudget, AdaptReport, adapt
+from medmeta_plugin.adapt import AdaptReport, adapt, head_mode_budget
 from medmeta_plugin.adapt.store import AdapterStore
 from medmeta_plugin.app.config import AppConfig
 from medmeta_plugin.app.features import FeatureCache, backbone_output
@@ -379,8 +379,7 @@ class Engine:
             raise ValueError(f"task {name!r} has no labelled example to adapt from.")
         examples = list(examples)[-self.config.max_shots :]
         support, base = self._support(kind, examples)
-        steps = self.config.adapt_steps
-        budget = AdaptBudget(steps=steps, eval_every=max(5, steps // 10))  # ~10 leave-one-out checkpoints
+        budget = head_mode_budget(self.config.adapt_steps)
         model = self.model
         adapter, report = adapt(
             model,

@@ -40,12 +40,12 @@ from monai.transforms import DivisiblePad
 from monai.utils import look_up_option
 from tqdm import tqdm
 
-from medmeta_plugin.adapt import VOXEL_SAMPLES, AdaptBudget, adapt
+from medmeta_plugin.adapt import HEAD_MODE_STEPS, VOXEL_SAMPLES, AdaptBudget, adapt, head_mode_budget
 from medmeta_plugin.benchmarks.suites import EvalTask, build_suite
 from medmeta_plugin.meta.objectives import task_score
 from medmeta_plugin.networks import ADAPTER_MODES, Backbone3D, MetaModel, load_backbone
 from medmeta_plugin.networks.backbone import BackboneOutput
-from medmeta_plugin.networks.heads import SEGMENTATION_HEADS
+from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
 
 __all__ = [
     "METHODS",
@@ -92,11 +92,11 @@ class BenchmarkConfig:
     methods: tuple[str, ...] = METHODS
     meta_backbone: str = str(SHIPPED / "backbone.safetensors")
     multitask_backbone: str = str(SHIPPED / "multitask.safetensors")
-    head_steps: int = 200
+    head_steps: int = HEAD_MODE_STEPS
     steps: int = 10
     tasks: tuple[str, ...] | None = None
     voxel_sample: str = AdaptBudget.voxel_sample
-    heads: tuple[str, ...] = ("position",)
+    heads: tuple[str, ...] = (DEFAULT_SEGMENTATION_HEAD,)
     prior_shift: bool = True
 
     def __post_init__(self) -> None:
@@ -255,13 +255,11 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
         else:
             model = MetaModel(backbones[family])
             head_mode = mode == "head"
-            budget = AdaptBudget(
-                steps=config.head_steps if head_mode else config.steps,
-                eval_every=max(5, config.head_steps // 10),  # ~10 leave-one-out checkpoints
-                early_stopping=head_mode,
-                voxel_sample=config.voxel_sample,
-                prior_shift=config.prior_shift,
-            )
+            options = {"voxel_sample": config.voxel_sample, "prior_shift": config.prior_shift}
+            if head_mode:
+                budget = head_mode_budget(config.head_steps, **options)
+            else:
+                budget = AdaptBudget(steps=config.steps, early_stopping=False, **options)
             if head_mode:
                 features, extract_seconds = cache.support(family, backbones[family], drawn)
                 cached = (cache, family)

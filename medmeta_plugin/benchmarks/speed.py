@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from medmeta_plugin.adapt import AdaptBudget, adapt
+from medmeta_plugin.adapt import AdaptBudget, adapt, head_mode_budget
 from medmeta_plugin.episodes import HELDOUT_FAMILIES, make_case
 from medmeta_plugin.networks import ADAPTER_MODES, MetaModel, load_backbone
+from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD
 from medmeta_plugin.transforms import normalize_intensity
 
 __all__ = ["adapt_speed"]
@@ -54,7 +55,9 @@ def adapt_speed(
         modes: adapter modes to time.
         repeats: rounds; modes are interleaved within each round and the median is reported.
         budget: adaptation budget for every mode; by default the few-shot benchmark's policy:
-            :class:`AdaptBudget` (30 steps, leave-one-out) for ``head`` and 10 fixed steps for the others.
+            :func:`~medmeta_plugin.adapt.head_mode_budget` (200 steps, leave-one-out) for ``head`` and 10
+            fixed steps for the others. Every mode fits the product's segmentation head
+            (:data:`~medmeta_plugin.networks.heads.DEFAULT_SEGMENTATION_HEAD`).
         device: ``cpu`` or ``cuda``; default: CUDA when available.
 
     Returns:
@@ -73,9 +76,11 @@ def adapt_speed(
                 torch.cuda.reset_peak_memory_stats(dev)
             start = time.perf_counter()
             mode_budget = budget or (
-                AdaptBudget() if mode == "head" else AdaptBudget(steps=10, early_stopping=False)
+                head_mode_budget() if mode == "head" else AdaptBudget(steps=10, early_stopping=False)
             )
-            _, report = adapt(model, support, "segmentation", mode, mode_budget)
+            _, report = adapt(
+                model, support, "segmentation", mode, mode_budget, head=DEFAULT_SEGMENTATION_HEAD
+            )
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             times[mode].append(time.perf_counter() - start)

@@ -182,10 +182,10 @@ def _meta_train(args: argparse.Namespace) -> int:
 
 
 def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
-    from medmeta_plugin.adapt import VOXEL_SAMPLES, AdaptBudget
+    from medmeta_plugin.adapt import HEAD_MODE_STEPS, VOXEL_SAMPLES, AdaptBudget
     from medmeta_plugin.benchmarks.fewshot import METHODS, SHIPPED
     from medmeta_plugin.benchmarks.suites import SUITES
-    from medmeta_plugin.networks.heads import SEGMENTATION_HEADS
+    from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
 
     p = subparsers.add_parser("benchmark", help="benchmarks that print figures")
     inner = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
@@ -207,11 +207,14 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
         "--heads",
         nargs="+",
         choices=SEGMENTATION_HEADS,
-        default=["position"],
+        default=[DEFAULT_SEGMENTATION_HEAD],
         help="segmentation head kinds to compare (each method but scratch runs once per kind)",
     )
     f.add_argument(
-        "--head-steps", type=int, default=200, help="step budget of head mode (leave-one-out picks fewer)"
+        "--head-steps",
+        type=int,
+        default=HEAD_MODE_STEPS,
+        help="step budget of head mode (leave-one-out picks fewer)",
     )
     f.add_argument(
         "--no-prior-shift",

@@ -19,6 +19,7 @@ from medmeta_plugin.networks.backbone import BackboneOutput
 from medmeta_plugin.networks.position import POSITION_CHANNELS
 
 __all__ = [
+    "DEFAULT_SEGMENTATION_HEAD",
     "POSITION_HIDDEN",
     "SEGMENTATION_HEADS",
     "TASK_KINDS",
@@ -30,6 +31,9 @@ __all__ = [
 
 TASK_KINDS = ("segmentation", "classification", "regression")
 SEGMENTATION_HEADS = ("linear", "position")
+#: The head the app and the benchmarks fit (docs/benchmarks/position-head.md); the library's own default
+#: (``MetaModel.add_task``, ``adapt``) stays ``linear``, the head meta-training uses.
+DEFAULT_SEGMENTATION_HEAD = "position"
 #: Hidden channels of the ``position`` head's MLP: enough for a smooth location prior of any shape.
 POSITION_HIDDEN = 32
 # Whole scans are passed through the MLP in slabs of at most this many voxels, so that its hidden
