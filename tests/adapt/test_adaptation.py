@@ -248,6 +248,7 @@ def test_cached_features_must_match_the_support(tiny_model: MetaModel) -> None:
         ({"lr": 0}, "lr"),
         ({"eval_every": 0}, "eval_every"),
         ({"voxel_sample": "stratifed"}, "stratified"),
+        ({"step_voxels": -1}, "step_voxels"),
     ],
 )
 def test_invalid_budget(kwargs: dict, match: str) -> None:
@@ -284,3 +285,24 @@ def test_the_prior_shift_restores_the_volumes_foreground_fraction(tiny_model: Me
         AdaptBudget(steps=0, voxel_sample="uniform", prior_shift=False),
     )
     assert torch.equal(a.head.conv.bias, b.head.conv.bias)
+
+
+def test_head_mode_steps_draw_fresh_voxel_subsets_deterministically(tiny_model: MetaModel) -> None:
+    """Stochastic steps on subsets of the sample: the same seed gives the same adapter; the whole sample
+    every step gives another."""
+    case = blob_cases(1, seed=4, size=40)[0]
+    budget = AdaptBudget(steps=5, step_voxels=1024)
+    a, _ = adapt(tiny_model, [case], "segmentation", "head", budget, seed=1, head="position")
+    b, _ = adapt(tiny_model, [case], "segmentation", "head", budget, seed=1, head="position")
+    whole, _ = adapt(
+        tiny_model,
+        [case],
+        "segmentation",
+        "head",
+        AdaptBudget(steps=5, step_voxels=0),
+        seed=1,
+        head="position",
+    )
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    assert not all(torch.equal(pa, pw) for pa, pw in zip(a.parameters(), whole.parameters()))
