@@ -79,15 +79,15 @@ class SegmentationHead(nn.Module):
         inputs = torch.cat([out.features, out.position.to(out.features.dtype)], dim=1)
         voxels_per_x = inputs[0, 0, 0].numel() * inputs.shape[0]
         step = max(1, _SLAB_VOXELS // voxels_per_x)
-        if torch.is_grad_enabled() or step >= inputs.shape[2]:
-            return logits + self._mlp(inputs)
-        slabs = [self._mlp(inputs[:, :, i : i + step]) for i in range(0, inputs.shape[2], step)]
-        return logits + torch.cat(slabs, dim=2)
+        mlp = self.mlp
 
-    def _mlp(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(B, C + P, X, Y, Z) -> (B, 1, X, Y, Z)."""
-        assert self.mlp is not None
-        return self.mlp(inputs.movedim(1, -1)).movedim(-1, 1)
+        def per_voxel(x: torch.Tensor) -> torch.Tensor:  # (B, C + P, X', Y, Z) -> (B, 1, X', Y, Z)
+            return mlp(x.movedim(1, -1)).movedim(-1, 1)
+
+        if torch.is_grad_enabled() or step >= inputs.shape[2]:
+            return logits + per_voxel(inputs)
+        slabs = [per_voxel(inputs[:, :, i : i + step]) for i in range(0, inputs.shape[2], step)]
+        return logits + torch.cat(slabs, dim=2)
 
 
 class ClassificationHead(nn.Module):
