@@ -105,7 +105,7 @@ def run_app_benchmark(
     logging.getLogger("monailabel.client.client").setLevel(logging.WARNING)
 
     from medmeta_plugin.benchmarks.splits import is_held_out
-    from medmeta_plugin.cli.serve import DEFAULT_APP, running_server
+    from medmeta_plugin.cli.serve import copy_app, running_server
     from medmeta_plugin.io import read_image, write_image
 
     ct_label, ct_meta, ct_names = _structure_masks("ct_abdomen_a")
@@ -121,9 +121,7 @@ def run_app_benchmark(
         folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(next((SAMPLE / "ct_abdomen_a").glob("image.*")), studies / "ct.nii.gz")
     shutil.copyfile(next((SAMPLE / "mr_abdomen_d").glob("image.*")), studies / "mr.nii.gz")
-    shutil.copytree(
-        DEFAULT_APP, app, ignore=shutil.ignore_patterns("model", "__pycache__"), dirs_exist_ok=True
-    )
+    copy_app(app)
     records, server = [], {}
     start = time.perf_counter()
     with running_server(str(studies), app, work / "server.log") as (url, process):

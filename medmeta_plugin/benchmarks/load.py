@@ -32,7 +32,7 @@ def run_load_benchmark(submitters: int = 6, readers: int = 4, seconds: float = 3
     """Run the load benchmark (see the module docstring)."""
     from monailabel.client import MONAILabelClient
 
-    from medmeta_plugin.cli.serve import DEFAULT_APP, running_server
+    from medmeta_plugin.cli.serve import copy_app, running_server
     from medmeta_plugin.io import write_image
 
     logging.getLogger("monailabel.client.client").setLevel(logging.WARNING)
@@ -46,7 +46,7 @@ def run_load_benchmark(submitters: int = 6, readers: int = 4, seconds: float = 3
     for i in range(submitters):
         shutil.copyfile(ct, studies / f"ct_{i}.nii.gz")
     shutil.copyfile(next((SAMPLE / "mr_abdomen_d").glob("image.*")), studies / "mr.nii.gz")
-    shutil.copytree(DEFAULT_APP, app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+    copy_app(app)
     ct_label, ct_meta, names = _structure_masks("ct_abdomen_a")
     plan = {}
     for i in range(submitters):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +20,15 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["PARSERS", "free_port", "running_server", "server_answers", "server_command"]
+__all__ = [
+    "PARSERS",
+    "copy_app",
+    "free_port",
+    "running_server",
+    "server_answers",
+    "server_command",
+    "stop_process",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_APP = REPO / "apps" / "medmeta"
@@ -52,6 +61,31 @@ def server_command(
     env.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
     env.setdefault("MONAI_LABEL_SESSION_PATH", str(Path(app) / "model" / "sessions"))
     return command, env
+
+
+def copy_app(destination: Path, app: Path = DEFAULT_APP) -> Path:
+    """A private copy of the app folder without its ``model`` folder (adapters, sessions) or caches, so a
+    server started on it begins with nothing adapted and writes nothing into the repository.
+
+    Returns:
+        ``destination``.
+    """
+    shutil.copytree(
+        app, destination, ignore=shutil.ignore_patterns("model", "__pycache__"), dirs_exist_ok=True
+    )
+    return destination
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL if it is still running after ``timeout`` seconds."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
 
 
 def free_port() -> int:
@@ -111,13 +145,7 @@ def running_server(
             time.sleep(0.25)
         yield url, process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(20)
+        stop_process(process)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:

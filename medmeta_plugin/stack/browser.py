@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from medmeta_plugin.cli.serve import stop_process
+
 __all__ = ["CHROMIUM_FLAGS", "HeadlessChromium", "find_chromium"]
 
 # The flags a machine without internet needs (issue 6), then two of this module's own (see below).
@@ -145,13 +147,7 @@ class HeadlessChromium:
         self._browser = self._playwright = None
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+        stop_process(self.process, timeout)
         _kill_group(self.process.pid, timeout)
         self.process = None
 

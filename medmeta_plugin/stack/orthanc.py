@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from medmeta_plugin.cli.serve import free_port
+from medmeta_plugin.cli.serve import free_port, stop_process
 
 __all__ = ["DICOMWEB_PLUGIN", "ORTHANC", "OrthancServer", "free_port"]
 
@@ -111,13 +111,7 @@ class OrthancServer:
         """Stop the process (terminate, then kill after ``timeout`` seconds)."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+        stop_process(self.process, timeout)
         self.process = None
 
     def __enter__(self) -> OrthancServer:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from medmeta_plugin.cli.serve import copy_app
 from medmeta_plugin.io import ImageMeta, write_image
 from medmeta_plugin.networks import Backbone3D, save_backbone
 from tests.conftest import TINY
@@ -82,8 +82,7 @@ def app_client(tmp_path: Path, studies: dict[str, Path], tiny_backbone: Path) ->
     from fastapi.testclient import TestClient
     from monailabel.config import settings
 
-    app_dir = tmp_path / "app"
-    shutil.copytree(REPO / "apps" / "medmeta", app_dir, ignore=shutil.ignore_patterns("model", "__pycache__"))
+    app_dir = copy_app(tmp_path / "app")
     conf = {**app_conf(tiny_backbone), "server_mode": "true"}
     values = {
         "MONAI_LABEL_APP_DIR": str(app_dir),

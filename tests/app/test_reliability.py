@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import time
 import urllib.request
@@ -14,16 +13,13 @@ from monailabel.client import MONAILabelClient
 
 from medmeta_plugin.app.config import parse_conf
 from medmeta_plugin.app.engine import Engine
-from medmeta_plugin.cli.serve import running_server
-from tests.app.conftest import REPO
+from medmeta_plugin.cli.serve import copy_app, running_server
 
 LABEL_INFO = [{"name": "ball", "idx": 1}, {"name": "box", "idx": 2}]
 
 
 def _app(tmp_path: Path) -> Path:
-    app = tmp_path / "app"
-    shutil.copytree(REPO / "apps" / "medmeta", app, ignore=shutil.ignore_patterns("model", "__pycache__"))
-    return app
+    return copy_app(tmp_path / "app")
 
 
 def _info(url: str) -> dict:

@@ -3,7 +3,6 @@ drives it (info, next sample, sessions, submit label, infer .nrrd/uint8, train s
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,17 +11,15 @@ from pathlib import Path
 import pytest
 from monailabel.client import MONAILabelClient
 
-from medmeta_plugin.cli.serve import running_server
+from medmeta_plugin.cli.serve import copy_app, running_server
 from medmeta_plugin.io import read_image
-from tests.app.conftest import REPO
 
 LABEL_INFO = [{"name": "ball", "idx": 1}, {"name": "box", "idx": 2}]
 
 
 @pytest.fixture
 def server(tmp_path: Path, studies: dict) -> Iterator[tuple[MONAILabelClient, subprocess.Popen, Path]]:
-    app = tmp_path / "app"
-    shutil.copytree(REPO / "apps" / "medmeta", app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+    app = copy_app(tmp_path / "app")
     log = tmp_path / "server.log"
     # No --conf at all: the shipped backbone with the defaults.
     env = {"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}

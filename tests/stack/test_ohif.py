@@ -14,7 +14,6 @@ OHIF showed mirrored or on the wrong slices would fail.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -49,14 +48,13 @@ class Stack(NamedTuple):
 @pytest.fixture
 def stack(tmp_path: Path, stack_logs: Any) -> Iterator[Stack]:
     """Orthanc with the sample studies, the app on its DICOMweb, and headless Chromium, on loopback ports."""
-    from medmeta_plugin.cli.serve import DEFAULT_APP, running_server
+    from medmeta_plugin.cli.serve import copy_app, running_server
     from medmeta_plugin.stack.browser import HeadlessChromium
 
     with OrthancServer(tmp_path / "orthanc") as orthanc:
         stack_logs("Orthanc log", orthanc.log_path)
         uids = load_sample_studies(orthanc, tmp_path / "dicom")
-        app = tmp_path / "app"
-        shutil.copytree(DEFAULT_APP, app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+        app = copy_app(tmp_path / "app")
         env = {
             "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": "{}",
             "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache"),

@@ -38,7 +38,6 @@ def test_label_saved_over_dicomweb_becomes_a_seg_and_adapts(tmp_path: Path) -> N
     the structure is segmented on the MR series of the other patient."""
     import io
     import json
-    import shutil
     import time
     import urllib.request
 
@@ -49,13 +48,12 @@ def test_label_saved_over_dicomweb_becomes_a_seg_and_adapts(tmp_path: Path) -> N
     from monailabel.client import MONAILabelClient
 
     from medmeta_plugin.benchmarks.app_latency import _structure_masks
-    from medmeta_plugin.cli.serve import DEFAULT_APP, running_server
+    from medmeta_plugin.cli.serve import copy_app, running_server
     from medmeta_plugin.io import read_image, write_image
 
     with OrthancServer(tmp_path / "orthanc") as orthanc:
         uids = load_sample_studies(orthanc, tmp_path / "dicom")
-        app = tmp_path / "app"
-        shutil.copytree(DEFAULT_APP, app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+        app = copy_app(tmp_path / "app")
         env = {
             "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": "{}",
             "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache"),
