@@ -4,18 +4,25 @@ MONAI Label 0.8.5 writes DICOM SEG through dcmqi's ``itkimage2segimage`` binary,
 GitHub at start (no network at run time here, and Debian has no dcmqi package). This datastore writes the
 SEG with pydicom-seg instead (MONAI Label's own converter, its pure-Python branch), stores it back in the
 PACS, and keeps the validated label and its parsed names locally, where adaptation reads them.
+
+MONAI Label downloads a series into its cache and converts it to NIfTI on first use, with nothing to stop two
+threads (an inference and the background scoring after an adaptation) from doing it at once: the second one
+found the folder or the NIfTI file already there and read it half written ("the file is empty"). Here each
+series is fetched under a file lock of its own (threads and processes alike), so it is read only when whole.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import HTTPException
+from filelock import FileLock
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.datastore.utils.convert import nifti_to_dicom_seg
@@ -42,6 +49,19 @@ class MedMetaDICOMWebDatastore(DICOMWebDatastore):
         self._fallback = dict(fallback_labels or {})
         self.last_tags: dict[str, str] = {}
         super().__init__(**kwargs)
+        self._locks = Path(self._datastore_path + ".locks")
+        self._locks.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def _series_lock(self, series_id: str) -> Iterator[None]:
+        """Hold one series' cache lock (kept beside the cache, out of the datastore's watched tree)."""
+        with FileLock(str(self._locks / f"{series_id}.lock")):
+            yield
+
+    def get_image_uri(self, image_id: str) -> str:
+        """The series as NIfTI, downloaded and converted once, by one thread or process at a time."""
+        with self._series_lock(image_id):
+            return super().get_image_uri(image_id)
 
     def save_label(
         self,
@@ -82,7 +102,8 @@ class MedMetaDICOMWebDatastore(DICOMWebDatastore):
         local = LocalDatastore.get_label_uri(self, label_id, label_tag)
         if local and os.path.isfile(local):
             return local
-        return super().get_label_uri(label_id, label_tag, image_id)
+        with self._series_lock(label_id):
+            return super().get_label_uri(label_id, label_tag, image_id)
 
 
 def write_seg(series_dir: str, label: str | Path, names: Mapping[str, int], description: str) -> str:

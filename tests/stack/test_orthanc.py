@@ -100,3 +100,39 @@ def test_label_saved_over_dicomweb_becomes_a_seg_and_adapts(tmp_path: Path) -> N
             assert response.status_code == 200, response.text[:500]
             result = pydicom.dcmread(io.BytesIO(response.content))
             assert result.Modality == "SEG" and result.ReferencedSeriesSequence[0].SeriesInstanceUID == mr
+
+
+def test_a_series_fetched_by_several_threads_at_once_is_read_whole(tmp_path: Path) -> None:
+    """An inference and the background scoring may ask for the same uncached series at the same moment; each
+    must get the whole volume, never a half-written cache file (MONAI Label 0.8.5 alone has no lock)."""
+    import threading
+
+    from monailabel.datastore.dicom import DICOMwebClientX
+
+    from medmeta_plugin.app.dicomweb import MedMetaDICOMWebDatastore
+    from medmeta_plugin.io import read_image
+
+    with OrthancServer(tmp_path / "orthanc") as orthanc:
+        uids = load_sample_studies(orthanc, tmp_path / "dicom")
+        expected = read_image(tmp_path / "dicom" / "mr_abdomen_d")[0].shape
+        client = DICOMwebClientX(url=orthanc.dicomweb, session=None)
+        cache = str(tmp_path / "cache")
+        datastore = MedMetaDICOMWebDatastore(client=client, search_filter={}, cache_path=cache)
+        start = threading.Barrier(4)
+        shapes: list[tuple[int, ...]] = []
+        errors: list[BaseException] = []
+
+        def fetch() -> None:
+            start.wait()
+            try:
+                shapes.append(read_image(datastore.get_image_uri(uids["mr_abdomen_d"]))[0].shape)
+            except BaseException as error:  # reported below, with the others
+                errors.append(error)
+
+        threads = [threading.Thread(target=fetch) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert shapes == [expected] * 4
