@@ -40,6 +40,11 @@ class BackboneConfig:
         norm: ``"instance"`` or ``"group"`` normalisation (with learnable affine parameters).
         groups: number of groups for group normalisation.
         dropout: dropout probability inside the convolution blocks.
+        feature_levels: decoder levels in the voxel features, finest first: 1 gives the finest level's
+            ``features[0]`` channels; 2 adds the next coarser decoder level (``features[1]`` channels,
+            upsampled), whose wider receptive field sees a structure's shape and surroundings. A linear head
+            fitted on the query itself reaches 0.55 Dice on the held-out phantoms with one level of the
+            shipped backbone and 0.71 with all of them (``docs/benchmarks/feature-levels.md``).
     """
 
     in_channels: int = 1
@@ -47,6 +52,7 @@ class BackboneConfig:
     norm: str = "instance"
     groups: int = 8
     dropout: float = 0.0
+    feature_levels: int = 1
 
     def __post_init__(self) -> None:
         if self.in_channels < 1:
@@ -58,6 +64,11 @@ class BackboneConfig:
             raise ValueError(f"group norm needs every feature count divisible by groups={self.groups}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if not 1 <= self.feature_levels < len(self.features):
+            raise ValueError(
+                f"feature_levels must be in [1, {len(self.features) - 1}] (the decoder levels of "
+                f"features={tuple(self.features)}), got {self.feature_levels}."
+            )
         object.__setattr__(self, "features", tuple(int(f) for f in self.features))
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,7 +94,8 @@ class BackboneOutput(NamedTuple):
     """What the backbone returns.
 
     Attributes:
-        features: voxel feature map, shape (B, features[0], X, Y, Z).
+        features: voxel feature map, shape (B, C, X, Y, Z) with C = :attr:`Backbone3D.feature_channels`
+            (``sum(features[:feature_levels])``).
         embedding: pooled volume embedding, shape (B, features[-1] + features[0]).
         position: where each voxel lies in the body, shape (B, P, X, Y, Z)
             (:func:`~medmeta_plugin.networks.position.body_position`, computed on the whole image), or None
@@ -199,8 +211,8 @@ class Backbone3D(nn.Module):
 
     @property
     def feature_channels(self) -> int:
-        """Channels of :attr:`BackboneOutput.features`."""
-        return self.config.features[0]
+        """Channels of :attr:`BackboneOutput.features`, summed over the ``feature_levels`` finest levels."""
+        return sum(self.config.features[: self.config.feature_levels])
 
     @property
     def embedding_dim(self) -> int:
@@ -233,7 +245,7 @@ class Backbone3D(nn.Module):
             adapter: optional task adapter that shifts convolution kernels and modulates decoder levels.
 
         Returns:
-            :class:`BackboneOutput` with ``features`` (B, features[0], X, Y, Z), ``embedding``
+            :class:`BackboneOutput` with ``features`` (B, :attr:`feature_channels`, X, Y, Z), ``embedding``
             (B, features[-1] + features[0]) and ``position`` (B, P, X, Y, Z) of ``x`` (for a crop of a larger
             image, replace it by the whole image's, cropped).
 
@@ -255,10 +267,16 @@ class Backbone3D(nn.Module):
             h = stage(h, adapter, f"enc{i}")
             skips.append(h)
         bottleneck = h
+        levels = []  # decoder outputs, coarse to fine
         for level, j in enumerate(reversed(range(len(self.decoder)))):
             h = self.upsample[j](h)
             h = self.decoder[j](torch.cat([h, skips[j]], dim=1), adapter, f"dec{j}")
             if adapter is not None:
                 h = adapter.modulate(level, h)
+            levels.append(h)
         embedding = torch.cat([bottleneck.mean(dim=(2, 3, 4)), h.mean(dim=(2, 3, 4))], dim=1)
-        return BackboneOutput(features=h, embedding=embedding, position=body_position(x))
+        coarser = levels[-self.config.feature_levels : -1] if self.config.feature_levels > 1 else []
+        features = torch.cat(
+            [h, *(F.interpolate(c, size=h.shape[2:], mode="trilinear") for c in reversed(coarser))], dim=1
+        )
+        return BackboneOutput(features=features, embedding=embedding, position=body_position(x))

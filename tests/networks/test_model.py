@@ -166,6 +166,8 @@ def test_invalid_inputs(model: MetaModel, call, match: str) -> None:
         ({"norm": "group", "features": (6, 12), "groups": 4}, "divisible"),
         ({"in_channels": 0}, "in_channels"),
         ({"dropout": 1.0}, "dropout"),
+        ({"feature_levels": 0}, "feature_levels"),
+        ({"features": (8, 16), "feature_levels": 2}, "feature_levels"),
     ],
 )
 def test_invalid_backbone_config(kwargs: dict, match: str) -> None:
@@ -178,6 +180,7 @@ def test_invalid_backbone_config(kwargs: dict, match: str) -> None:
     [
         BackboneConfig(),
         BackboneConfig(in_channels=2, features=(8, 16), norm="group", groups=8, dropout=0.1),
+        BackboneConfig(features=(8, 16, 32), feature_levels=2),
     ],
 )
 def test_backbone_config_round_trip(config: BackboneConfig) -> None:
@@ -186,3 +189,21 @@ def test_backbone_config_round_trip(config: BackboneConfig) -> None:
     out = net(torch.zeros(1, config.in_channels, 16, 16, 16))
     assert out.features.shape[1] == net.feature_channels
     assert out.embedding.shape == (1, net.embedding_dim)
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_coarser_feature_levels_append_upsampled_decoder_outputs(levels: int) -> None:
+    """The finest level's channels come first and are those of a one-level backbone with the same weights;
+    each coarser decoder level follows at full resolution; a config without the key means one level."""
+    torch.manual_seed(0)
+    wide = Backbone3D(BackboneConfig(features=(4, 8, 16, 32), feature_levels=levels))
+    narrow = Backbone3D(BackboneConfig(features=(4, 8, 16, 32)))
+    narrow.load_state_dict(wide.state_dict())
+    x = torch.randn(2, 1, 16, 24, 16)
+    levels_out, finest = wide(x).features, narrow(x).features
+    assert wide.feature_channels == sum((4, 8, 16)[:levels]) == levels_out.shape[1]
+    assert levels_out.shape[2:] == x.shape[2:]
+    torch.testing.assert_close(levels_out[:, :4], finest)
+    assert levels_out[:, 4:].abs().sum() > 0
+    legacy = {k: v for k, v in wide.config.to_dict().items() if k != "feature_levels"}
+    assert BackboneConfig.from_dict(legacy).feature_levels == 1
