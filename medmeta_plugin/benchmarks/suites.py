@@ -13,6 +13,9 @@ shots from it by seed) and fixed query cases scored after adaptation. All images
   deformed copies of it, there being one CT), query on the real abdominal MR of another patient.
 - ``brain-heldout``: support and query from differently deformed, intensity-augmented copies of the brain
   template, for the held-out brain structures.
+- ``brain-tumour``: the tumour labelled on the brain MRI of one patient (1 shot: that scan; more shots add
+  deformed copies of it), segmented on the MRI of the other patient, in both directions: the only real
+  structure of the data labelled on two patients in one modality.
 
 Real suites adapt on whole support volumes and score whole query volumes, as the product does: a user
 labels a structure on a scan and submits the whole scan. (An earlier version cropped the support to a box
@@ -40,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medmeta_plugin.benchmarks.splits import ABDOMEN_HELDOUT, BRAIN_HELDOUT
+from medmeta_plugin.benchmarks.splits import ABDOMEN_HELDOUT, BRAIN_HELDOUT, TUMOUR_HELDOUT
 from medmeta_plugin.episodes import HELDOUT_FAMILIES, Case, load_case, make_case
 from medmeta_plugin.episodes.copies import deformed_copies
 from medmeta_plugin.episodes.synthetic import case_plans
@@ -204,12 +207,32 @@ def _brain(seed: int) -> list[EvalTask]:
     return tasks
 
 
+def _tumour(seed: int) -> list[EvalTask]:
+    (name,) = TUMOUR_HELDOUT
+    scans = [_real_case(f"mr_brain_tumour_{i}") for i in (1, 2)]
+    loaded = {c.case_id: load_case(c) for c in scans}
+    images = {k: _image(image) for k, (image, _) in loaded.items()}
+    tasks = []
+    for support, query in ((scans[0], scans[1]), (scans[1], scans[0])):
+        v_support, v_query = _value(support, name), _value(query, name)
+        if v_support is None or v_query is None:
+            continue
+        copies = [load_case(c) for c in deformed_copies([support], 4, seed=seed)]
+        pool = [{"image": images[support.case_id], "label": _mask(loaded[support.case_id][1], v_support)}]
+        pool += [{"image": _image(image), "label": _mask(label, v_support)} for image, label in copies]
+        query_items = [{"image": images[query.case_id], "label": _mask(loaded[query.case_id][1], v_query)}]
+        direction = f"{name}_{support.case_id[-1]}_to_{query.case_id[-1]}"
+        tasks.append(EvalTask(direction, "segmentation", 1, pool, query_items, original_first=True))
+    return tasks
+
+
 SUITES: dict[str, Callable[[int], list[EvalTask]]] = {
     "synthetic-heldout": _synthetic_heldout,
     "synthetic-classification": lambda seed: _synthetic_volume(seed, "classification"),
     "synthetic-regression": lambda seed: _synthetic_volume(seed, "regression"),
     "abdomen-ct-to-mr": _abdomen,
     "brain-heldout": _brain,
+    "brain-tumour": _tumour,
 }
 
 

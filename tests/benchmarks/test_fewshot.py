@@ -12,7 +12,12 @@ import torch
 from medmeta_plugin.adapt import AdaptBudget, adapt
 from medmeta_plugin.benchmarks import fewshot
 from medmeta_plugin.benchmarks.fewshot import BenchmarkConfig, parse_methods, plot, run_benchmark, summarise
-from medmeta_plugin.benchmarks.splits import ABDOMEN_HELDOUT, BRAIN_HELDOUT, SYNTHETIC_HELDOUT_TASKS
+from medmeta_plugin.benchmarks.splits import (
+    ABDOMEN_HELDOUT,
+    BRAIN_HELDOUT,
+    HELDOUT_STRUCTURES,
+    SYNTHETIC_HELDOUT_TASKS,
+)
 from medmeta_plugin.benchmarks.suites import build_suite, real_data_root
 from medmeta_plugin.io import ImageMeta, write_image
 from medmeta_plugin.networks import Backbone3D, BackboneConfig, MetaModel, load_backbone, save_backbone
@@ -39,8 +44,13 @@ def backbones(tmp_path: Path) -> tuple[str, str]:
 CT_SHAPE, MR_SHAPE = (69, 35, 29), (33, 27, 11)
 
 
-def _write_case(folder: Path, shape: tuple[int, int, int], seed: int) -> None:
-    """A tiny scan with two held-out abdominal structures, kidney_left (1) and gallbladder (2)."""
+def _write_case(
+    folder: Path,
+    shape: tuple[int, int, int],
+    seed: int,
+    names: tuple[str, ...] = ("kidney_left", "gallbladder"),
+) -> None:
+    """A tiny scan with two structures (by default held-out abdominal ones: kidney_left 1, gallbladder 2)."""
     folder.mkdir(parents=True)
     label = np.zeros((1, *shape), np.uint8)
     x, y, z = (n // 2 for n in shape)
@@ -51,7 +61,7 @@ def _write_case(folder: Path, shape: tuple[int, int, int], seed: int) -> None:
     meta = ImageMeta.from_affine(np.diag([3.0, 3.0, 3.0, 1.0]), shape)
     write_image(folder / "image.nii.gz", image.astype(np.float32), meta)
     write_image(folder / "label.nii.gz", label, meta)
-    (folder / "labels.json").write_text(json.dumps({"1": "kidney_left", "2": "gallbladder"}))
+    (folder / "labels.json").write_text(json.dumps({str(v): n for v, n in enumerate(names, start=1)}))
 
 
 @pytest.fixture
@@ -75,6 +85,27 @@ def test_abdomen_suite_holds_whole_volumes_shared_by_its_tasks(real_root: Path) 
     assert all(a["image"] is b["image"] for a, b in zip(first.support_pool, second.support_pool))
     assert first.query[0]["image"] is second.query[0]["image"]
     assert not torch.equal(first.support_pool[0]["label"], second.support_pool[0]["label"])
+
+
+def test_tumour_suite_transfers_between_the_two_patients(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """brain-tumour: the tumour from patient 1's scan to patient 2's and back; 1 shot is the patient's own
+    scan, more shots add its deformed copies; the structure is held out of meta-training."""
+    shapes = {1: (40, 36, 12), 2: (36, 40, 10)}
+    for i, shape in shapes.items():
+        _write_case(tmp_path / "real" / f"mr_brain_tumour_{i}", shape, seed=i, names=("tumour", "oedema"))
+    monkeypatch.setenv("MEDMETA_REAL_DATA", str(tmp_path / "real"))
+    tasks = build_suite("brain-tumour")
+    assert [t.name for t in tasks] == ["tumour_1_to_2", "tumour_2_to_1"]
+    assert "tumour" in HELDOUT_STRUCTURES
+    for task, (src, dst) in zip(tasks, ((1, 2), (2, 1))):
+        assert tuple(task.support_pool[0]["image"].shape[1:]) == shapes[src]
+        assert [tuple(q["image"].shape[1:]) for q in task.query] == [shapes[dst]]
+        assert all(task.draw_support(k, seed=3)[0] is task.support_pool[0] for k in (1, 3, 5))
+        assert len({id(it["image"]) for it in task.draw_support(5, seed=3)}) == 5
+        # The tumour (value 1: a 5x8x8 box), not the other structure (4x5x6), on both sides.
+        assert float(task.support_pool[0]["label"].sum()) == float(task.query[0]["label"].sum()) == 5 * 8 * 8
 
 
 def test_abdomen_benchmark_adapts_and_scores_on_whole_volumes(
@@ -211,7 +242,12 @@ def test_invalid_benchmark_input(call, match: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not real_data_root().is_dir(), reason="needs ../shared/data/real")
 @pytest.mark.parametrize(
-    ("suite", "names"), [("abdomen-ct-to-mr", ABDOMEN_HELDOUT), ("brain-heldout", BRAIN_HELDOUT)]
+    ("suite", "names"),
+    [
+        ("abdomen-ct-to-mr", ABDOMEN_HELDOUT),
+        ("brain-heldout", BRAIN_HELDOUT),
+        ("brain-tumour", ("tumour_1_to_2", "tumour_2_to_1")),
+    ],
 )
 def test_real_suites_evaluate_their_held_out_structures(suite: str, names: tuple[str, ...]) -> None:
     tasks = build_suite(suite)
