@@ -1,9 +1,10 @@
 """The demo studies folder: the sample scans, with structures already labelled on the CT.
 
-``prepare_demo`` copies the sample CT, MR and brain MRI into a MONAI Label studies folder and submits a label
-of a few structures on the CT through the app's own datastore (validated like any submission), so the server
-adapts them as it starts and a new user sees medmeta segment the MR right away; the kidneys, the psoas
-muscles and the vertebrae are labelled on the CT and segmented on the MR of another patient.
+``prepare_demo`` copies the sample CT, MR and two brain MRIs into a MONAI Label studies folder and submits a
+label of a few structures on the CT through the app's own datastore (validated like any submission), so the
+server adapts them as it starts and a new user sees medmeta segment the MR right away; the kidneys, the psoas
+muscles and the vertebrae are labelled on the CT and segmented on the MR of another patient. The brain MRIs of
+two patients are there to teach a structure (their tumour) on one and get it on the other.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ SAMPLE_DATA = Path(__file__).resolve().parents[2] / "sample_apps" / "data" / "re
 # Structures labelled in both abdominal scans (see sample_apps/data/README.md), large enough to see at 3 mm.
 DEMO_STRUCTURES = ("kidney_left", "kidney_right", "iliopsoas_left", "iliopsoas_right", "spinal_cord")
 
-_SCANS = {"ct_abdomen_a": "ct_abdomen_a", "mr_abdomen_d": "mr_abdomen_d", "mr_brain_tumour_1": "mr_brain_1"}
+_SCANS = {
+    "ct_abdomen_a": "ct_abdomen_a",
+    "mr_abdomen_d": "mr_abdomen_d",
+    "mr_brain_tumour_1": "mr_brain_1",
+    "mr_brain_tumour_2": "mr_brain_2",
+}
 
 
 def prepare_demo(root: str | Path, sample_data: Path = SAMPLE_DATA) -> Path:

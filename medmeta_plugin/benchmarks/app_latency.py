@@ -1,12 +1,16 @@
-"""The app benchmark: a real MONAI Label server, a 1-shot label submitted on the CT, the structure on the MR.
+"""The app benchmark: a real MONAI Label server, a 1-shot label on one patient, the structure on another.
 
-For each held-out abdominal structure (:data:`~medmeta_plugin.benchmarks.splits.ABDOMEN_HELDOUT`, never in
-meta-training) it measures, against a real server process on 127.0.0.1 driven by ``monailabel.client``:
+Two pairs of sample scans (:data:`PAIRS`): ``abdomen-ct-to-mr`` (the held-out abdominal structures,
+:data:`~medmeta_plugin.benchmarks.splits.ABDOMEN_HELDOUT`, labelled on the 3 mm CT of one patient and
+segmented on the MR of another) and ``brain-tumour`` (the tumour labelled on the brain MRI of one patient,
+segmented on the brain MRI of the other: same modality, a different patient). No structure evaluated here is
+in meta-training. For each structure it measures, against a real server process on 127.0.0.1 driven by
+``monailabel.client``:
 
-- ``submit_to_infer_s``: from ``PUT /datastore/label`` (the structure labelled on the 3 mm CT, as 3D Slicer
-  submits it) to the first ``POST /infer/medmeta`` on the MR of another patient whose response includes the
-  structure (the client polls, as a user pressing Run again would);
-- ``dice``: of that result against the MR's reference label;
+- ``submit_to_infer_s``: from ``PUT /datastore/label`` (the structure labelled on the support scan, as 3D
+  Slicer submits it) to the first ``POST /infer/medmeta`` on the other patient's scan whose response includes
+  the structure (the client polls, as a user pressing Run again would);
+- ``dice``: of that result against the other scan's reference label;
 - ``scratch_dice`` / ``scratch_s``: the same network from random initialisation, every parameter trained on
   the same label on the same working grid for ``scratch_steps`` steps: what a plain trainer does with one
   label (``scratch_steps=0`` skips it: on 2 CPU cores it costs about 7 minutes per structure);
@@ -23,6 +27,7 @@ import platform
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +35,32 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from medmeta_plugin.benchmarks.splits import ABDOMEN_HELDOUT
+from medmeta_plugin.benchmarks.splits import ABDOMEN_HELDOUT, TUMOUR_HELDOUT
 
-__all__ = ["run_app_benchmark", "scratch_baseline", "summarise_app"]
+__all__ = ["PAIRS", "ScanPair", "run_app_benchmark", "scratch_baseline", "summarise_app"]
 
 SAMPLE = Path(__file__).resolve().parents[2] / "sample_apps" / "data" / "real"
+
+
+@dataclass(frozen=True)
+class ScanPair:
+    """Two sample scans of different patients: labels are submitted on ``support``, scored on ``query``.
+
+    Attributes:
+        support: sample case folder (``sample_apps/data/real/<support>``) the user labels.
+        query: sample case folder of another patient, segmented by the server.
+        structures: the held-out structures the pair evaluates by default.
+    """
+
+    support: str
+    query: str
+    structures: tuple[str, ...]
+
+
+PAIRS: dict[str, ScanPair] = {
+    "abdomen-ct-to-mr": ScanPair("ct_abdomen_a", "mr_abdomen_d", ABDOMEN_HELDOUT),
+    "brain-tumour": ScanPair("mr_brain_tumour_1", "mr_brain_tumour_2", TUMOUR_HELDOUT),
+}
 
 
 def _rss_mb(pid: int) -> float:
@@ -59,12 +85,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def scratch_baseline(
-    ct_image: Path, ct_mask: Path, mr_image: Path, steps: int, seed: int = 0
+    support_image: Path, support_mask: Path, query_image: Path, steps: int, seed: int = 0
 ) -> tuple[np.ndarray, float]:
     """Train the app's network from random initialisation on one label, as the app would see it.
 
     Returns:
-        The MR label map (1, X, Y, Z) on the MR's grid, and the training seconds.
+        The query's label map (1, X, Y, Z) on the query's own grid, and the training seconds.
     """
     from medmeta_plugin.adapt import AdaptBudget, adapt
     from medmeta_plugin.app.config import AppConfig
@@ -76,27 +102,40 @@ def scratch_baseline(
     torch.manual_seed(seed)
     model = MetaModel(Backbone3D(shipped.config))
     divisor = model.backbone.size_divisor
-    ct = load_working(ct_image, config.spacing, divisor, config.max_voxels)
-    mask = label_to_working(ct_mask, ct, divisor) == 1
-    support = [{"image": ct.image[0], "label": torch.as_tensor(mask[None].astype(np.float32))}]
+    working = load_working(support_image, config.spacing, divisor, config.max_voxels)
+    mask = label_to_working(support_mask, working, divisor) == 1
+    support = [{"image": working.image[0], "label": torch.as_tensor(mask[None].astype(np.float32))}]
     budget = AdaptBudget(steps=steps, head_init=False, early_stopping=False)
     adapter, report = adapt(model, support, "segmentation", "full", budget, name="scratch", seed=seed)
     model.attach(adapter)
-    mr = load_working(mr_image, config.spacing, divisor, config.max_voxels)
+    query = load_working(query_image, config.spacing, divisor, config.max_voxels)
     with torch.no_grad():
-        prob = torch.sigmoid(model(mr.image, "scratch"))[0, 0]
-    labels = (mr.crop(prob) > config.threshold).numpy().astype(np.uint8)
-    return to_original_grid(labels, mr), report.seconds
+        prob = torch.sigmoid(model(query.image, "scratch"))[0, 0]
+    labels = (query.crop(prob) > config.threshold).numpy().astype(np.uint8)
+    return to_original_grid(labels, query), report.seconds
 
 
 def run_app_benchmark(
-    structures: tuple[str, ...] = ABDOMEN_HELDOUT, scratch_steps: int = 30, work: Path | None = None
+    structures: tuple[str, ...] | None = None,
+    scratch_steps: int = 30,
+    work: Path | None = None,
+    pair: str = "abdomen-ct-to-mr",
 ) -> dict[str, Any]:
-    """Run the benchmark (see the module docstring) and return its records.
+    """Run the benchmark (see the module docstring) on one of :data:`PAIRS` and return its records.
+
+    Args:
+        structures: structures to label and score (default: the pair's).
+        scratch_steps: steps of the from-scratch baseline per structure (0 skips it).
+        work: working folder (default: a new temporary one).
+        pair: key of :data:`PAIRS`.
 
     Raises:
-        ValueError: for a structure that is not held out or not labelled in both sample scans.
+        ValueError: for an unknown pair, or a structure that is not held out or not labelled in both scans.
     """
+    if pair not in PAIRS:
+        raise ValueError(f"unknown pair {pair!r}; valid pairs: {sorted(PAIRS)}.")
+    scans = PAIRS[pair]
+    structures = scans.structures if structures is None else tuple(structures)
     import logging
 
     from monailabel.client import MONAILabelClient
@@ -108,19 +147,25 @@ def run_app_benchmark(
     from medmeta_plugin.cli.serve import copy_app, running_server
     from medmeta_plugin.io import read_image, write_image
 
-    ct_label, ct_meta, ct_names = _structure_masks("ct_abdomen_a")
-    mr_label, _, mr_names = _structure_masks("mr_abdomen_d")
+    support_label, support_meta, support_names = _structure_masks(scans.support)
+    query_label, _, query_names = _structure_masks(scans.query)
     for name in structures:
         if not is_held_out(name):
             raise ValueError(f"{name!r} is not a held-out structure; the benchmark evaluates only those.")
-        if name not in ct_names or name not in mr_names:
-            raise ValueError(f"{name!r} is not labelled in both sample abdominal scans.")
+        if name not in support_names or name not in query_names:
+            raise ValueError(
+                f"{name!r} is not labelled in both scans of {pair} ({scans.support}, {scans.query})."
+            )
     work = Path(work or tempfile.mkdtemp(prefix="medmeta-appbench-"))
     studies, app, labels = work / "studies", work / "app", work / "labels"
     for folder in (studies, labels):
         folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(next((SAMPLE / "ct_abdomen_a").glob("image.*")), studies / "ct.nii.gz")
-    shutil.copyfile(next((SAMPLE / "mr_abdomen_d").glob("image.*")), studies / "mr.nii.gz")
+    # Image ids "support" and "query", each keeping its file format (NIfTI, NRRD).
+    files = {}
+    for image_id, case in (("support", scans.support), ("query", scans.query)):
+        source = next((SAMPLE / case).glob("image.*"))
+        files[image_id] = studies / f"{image_id}{''.join(source.suffixes)}"
+        shutil.copyfile(source, files[image_id])
     copy_app(app)
     records, server = [], {}
     start = time.perf_counter()
@@ -131,13 +176,15 @@ def run_app_benchmark(
         server["rss_before_mb"] = round(_rss_mb(process.pid), 1)
         for name in tqdm(structures, desc="submit -> infer (server)"):
             path = write_image(
-                labels / f"{name}.nii.gz", (ct_label == ct_names[name]).astype(np.uint8), ct_meta
+                labels / f"{name}.nii.gz",
+                (support_label == support_names[name]).astype(np.uint8),
+                support_meta,
             )
             t0 = time.perf_counter()
-            client.save_label("ct", str(path), params={"label_info": [{"name": name, "idx": 1}]})
+            client.save_label("support", str(path), params={"label_info": [{"name": name, "idx": 1}]})
             while True:
                 try:
-                    out, params = client.infer("medmeta", "mr", {"tasks": [name]})
+                    out, params = client.infer("medmeta", "query", {"tasks": [name]})
                     if name in params.get("label_names", {}):
                         break
                 except Exception:  # a 400 "not adapted yet": ask again, as a user pressing Run would
@@ -148,38 +195,39 @@ def run_app_benchmark(
             submit_to_infer = time.perf_counter() - t0
             result, _ = read_image(out)
             value = params["label_names"][name]
-            truth = mr_label == mr_names[name]
+            truth = query_label == query_names[name]
             records.append(
                 {
                     "structure": name,
                     "submit_to_infer_s": round(submit_to_infer, 2),
                     "dice": round(_dice(result == value, truth), 4),
-                    "mr_voxels": int(truth.sum()),
+                    "query_voxels": int(truth.sum()),
                 }
             )
         server["rss_after_mb"] = round(_rss_mb(process.pid), 1)
         # Cold: a scan the server has never seen (uploaded now); warm: the same request again.
-        client.upload_image(str(studies / "mr.nii.gz"), image_id="mr_copy")
+        client.upload_image(str(files["query"]), image_id="query_copy")
         t0 = time.perf_counter()
-        client.infer("medmeta", "mr_copy", {"result_extension": ".nrrd", "result_dtype": "uint8"})
+        client.infer("medmeta", "query_copy", {"result_extension": ".nrrd", "result_dtype": "uint8"})
         server["infer_cold_s"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
-        client.infer("medmeta", "mr_copy", {"result_extension": ".nrrd", "result_dtype": "uint8"})
+        client.infer("medmeta", "query_copy", {"result_extension": ".nrrd", "result_dtype": "uint8"})
         server["infer_warm_s"] = round(time.perf_counter() - t0, 3)
-        client.upload_image(str(studies / "ct.nii.gz"), image_id="ct_copy")
+        client.upload_image(str(files["support"]), image_id="support_copy")
         t0 = time.perf_counter()
-        client.infer("medmeta", "ct_copy", {"result_extension": ".nrrd", "result_dtype": "uint8"})
-        server["infer_cold_ct_s"] = round(time.perf_counter() - t0, 3)
+        client.infer("medmeta", "support_copy", {"result_extension": ".nrrd", "result_dtype": "uint8"})
+        server["infer_cold_support_s"] = round(time.perf_counter() - t0, 3)
     baseline = records if scratch_steps > 0 else []
     for record in tqdm(baseline, desc=f"scratch baseline ({scratch_steps} steps)"):
         name = record["structure"]
         path = labels / f"{name}.nii.gz"
-        result, seconds = scratch_baseline(studies / "ct.nii.gz", path, studies / "mr.nii.gz", scratch_steps)
-        record["scratch_dice"] = round(_dice(result == 1, mr_label == mr_names[name]), 4)
+        result, seconds = scratch_baseline(files["support"], path, files["query"], scratch_steps)
+        record["scratch_dice"] = round(_dice(result == 1, query_label == query_names[name]), 4)
         record["scratch_s"] = round(seconds, 2)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu: {platform.machine()}"
     return {
         "benchmark": "app",
+        "pair": {"name": pair, "support": scans.support, "query": scans.query},
         "device": f"{device}, {torch.get_num_threads()} torch threads in the benchmark process",
         "scratch_steps": scratch_steps,
         "server": server,
@@ -204,11 +252,14 @@ def summarise_app(results: dict[str, Any]) -> str:
         seconds = np.mean([r["submit_to_infer_s"] for r in records])
         lines.append(f"| **mean** | {seconds:.2f} | {mean['dice']:.3f} | {mean['scratch_dice']:.3f} | |")
     s = results["server"]
+    pair = results.get("pair", {"support": "ct_abdomen_a", "query": "mr_abdomen_d"})
+    cold_support = s.get("infer_cold_support_s", s.get("infer_cold_ct_s"))
     lines += [
         "",
-        f"Server: start-up {s.get('startup_s')} s; all {len(records)} structures inferred on an unseen MR "
-        f"{s.get('infer_cold_s')} s (cold), {s.get('infer_warm_s')} s (warm); on an unseen CT "
-        f"{s.get('infer_cold_ct_s')} s; resident memory {s.get('rss_before_mb')} MB before the adapters, "
-        f"{s.get('rss_after_mb')} MB after.",
+        f"Labelled on {pair['support']}, scored on {pair['query']}. Server: start-up {s.get('startup_s')} s; "
+        f"all {len(records)} structures inferred on an unseen copy of {pair['query']} "
+        f"{s.get('infer_cold_s')} s (cold), {s.get('infer_warm_s')} s (warm); on an unseen copy of "
+        f"{pair['support']} {cold_support} s; "
+        f"resident memory {s.get('rss_before_mb')} MB before the adapters, {s.get('rss_after_mb')} MB after.",
     ]
     return "\n".join(lines)

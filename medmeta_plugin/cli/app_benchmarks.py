@@ -12,10 +12,18 @@ __all__ = ["add_parsers"]
 
 def add_parsers(inner: argparse._SubParsersAction) -> None:
     """Add the app benchmarks to ``medmeta benchmark``'s sub-parsers."""
-    from medmeta_plugin.benchmarks.splits import ABDOMEN_HELDOUT
+    from medmeta_plugin.benchmarks.app_latency import PAIRS
 
-    a = inner.add_parser("app", help="real server: 1-shot label on the CT -> structure on the MR, vs scratch")
-    a.add_argument("--structures", nargs="+", default=list(ABDOMEN_HELDOUT), help="held-out structures")
+    a = inner.add_parser(
+        "app", help="real server: 1-shot label on one patient's scan -> structure on another's, vs scratch"
+    )
+    a.add_argument(
+        "--pair",
+        choices=sorted(PAIRS),
+        default="abdomen-ct-to-mr",
+        help="abdomen-ct-to-mr: CT -> MR of another patient; brain-tumour: brain MRI -> that of another",
+    )
+    a.add_argument("--structures", nargs="+", help="held-out structures (default: the pair's)")
     a.add_argument("--scratch-steps", type=int, default=30, help="from-scratch baseline steps (0: skip)")
     a.add_argument("--out", type=Path, default=Path("results_app.json"))
     a.set_defaults(func=_app)
@@ -39,7 +47,8 @@ def add_parsers(inner: argparse._SubParsersAction) -> None:
 def _app(args: argparse.Namespace) -> int:
     from medmeta_plugin.benchmarks.app_latency import run_app_benchmark, summarise_app
 
-    results = run_app_benchmark(tuple(args.structures), args.scratch_steps)
+    structures = tuple(args.structures) if args.structures else None
+    results = run_app_benchmark(structures, args.scratch_steps, pair=args.pair)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"app benchmark on {results['device']}")
     print(summarise_app(results))

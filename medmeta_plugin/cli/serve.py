@@ -188,7 +188,8 @@ medmeta demo: MONAI Label server on {url} with the shipped meta-trained backbone
 studies: {studies}
   ct_abdomen_a  abdominal CT; {", ".join(DEMO_STRUCTURES)} already labelled (adapted at start-up)
   mr_abdomen_d  abdominal MR of another patient: run medmeta on it
-  mr_brain_1    brain MRI: label something new on it
+  mr_brain_1    brain MRI with a tumour: label it (as "tumour"), Submit Label
+  mr_brain_2    brain MRI of another patient: run medmeta on it
 
 In 3D Slicer: Modules > Active Learning > MONAI Label; server {url}; Next Sample (or pick mr_abdomen_d);
 Auto Segmentation: model "medmeta", Run. To teach it a new structure: draw it in Segment Editor on one

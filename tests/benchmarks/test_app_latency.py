@@ -16,6 +16,21 @@ def test_structures_must_be_held_out_and_in_both_scans(structure: str, needle: s
         run_app_benchmark((structure,))
 
 
+def test_pairs_are_two_patients_with_held_out_structures_in_both() -> None:
+    from medmeta_plugin.benchmarks.app_latency import PAIRS, _structure_masks
+    from medmeta_plugin.benchmarks.splits import is_held_out
+
+    for pair in PAIRS.values():
+        assert pair.support != pair.query
+        for case in (pair.support, pair.query):
+            label, _, names = _structure_masks(case)
+            assert all(is_held_out(n) and (label == names[n]).any() for n in pair.structures), case
+    with pytest.raises(ValueError, match="unknown pair"):
+        run_app_benchmark(pair="brain-tumor")
+    with pytest.raises(ValueError, match="not labelled in both scans of brain-tumour"):
+        run_app_benchmark(("kidney_left",), pair="brain-tumour")
+
+
 @pytest.mark.slow
 def test_one_structure_end_to_end(tmp_path) -> None:
     results = run_app_benchmark(("kidney_left",), scratch_steps=1, work=tmp_path)
