@@ -1,9 +1,17 @@
-"""How much a backbone's voxel features can say about held-out structures: a separability ceiling.
+"""How much a backbone's voxel features can say about held-out structures, with many labels or all of them.
 
-For each segmentation task of a suite, a per-voxel MLP head is fitted on the features of the task's *query*
-cases and scored, by Dice, on those same cases. No few-shot head can do better on them than a head fitted to
-the answer, so the figure is a ceiling set by the features alone: where it is low, more shots, steps or a
-better head cannot help, only better features can (``docs/benchmarks/feature-levels.md``).
+For each segmentation task of a suite and each number of decoder levels in the features, a head (linear or a
+per-voxel MLP) is fitted twice, on balanced voxel batches:
+
+- ``ceiling``: on the task's *query* volumes themselves, scored on them with the best threshold. No few-shot
+  head can beat it on those volumes; it is loose, though: a head may memorise what tells a structure apart
+  within these very volumes and nowhere else.
+- ``pool``: on every case of the task's support pool (8 for the phantoms), with the threshold that is best on
+  them, scored on the query volumes: what the features give with more labels than a user will provide.
+
+Few-shot Dice far below ``pool`` means the adaptation wastes the labels; ``pool`` far below ``ceiling``
+means the features do not carry from one volume to the next, which only better features can fix
+(``docs/benchmarks/feature-levels.md``).
 
 The backbone's weights do not depend on how many decoder levels its features hold
 (:attr:`~medmeta_plugin.networks.BackboneConfig.feature_levels`), so one trained backbone is probed at every
@@ -27,7 +35,7 @@ from tqdm import tqdm
 from medmeta_plugin.benchmarks.suites import build_suite
 from medmeta_plugin.networks import Backbone3D, load_backbone
 
-__all__ = ["run_probe", "summarise_probe"]
+__all__ = ["PROBE_HEADS", "run_probe", "summarise_probe"]
 
 
 def _with_levels(backbone: Backbone3D, levels: int) -> Backbone3D:
@@ -46,16 +54,24 @@ def _features(backbone: Backbone3D, image: torch.Tensor) -> torch.Tensor:
     return features[:, : size[0], : size[1], : size[2]].flatten(1).T
 
 
-def _fit_ceiling(x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> float:
-    """Fit an MLP head on ``x`` (N, C) -> ``y`` (N,) and return its best Dice on the same voxels."""
-    torch.manual_seed(seed)
-    mean, std = x.mean(0), x.std(0) + 1e-5
-    x = (x - mean) / std
-    head = nn.Sequential(nn.Linear(x.shape[1], 64), nn.ReLU(), nn.Linear(64, 1))
-    optimiser = torch.optim.Adam(head.parameters(), lr=1e-2)
+PROBE_HEADS = ("linear", "mlp")
+_THRESHOLDS = torch.linspace(-8.0, 8.0, 65)
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, head: str, steps: int, seed: int) -> nn.Module:
+    """A head (with input standardisation) fitted on ``x`` (N, C) -> ``y`` (N,) by balanced batches."""
     foreground, background = torch.nonzero(y > 0)[:, 0], torch.nonzero(y == 0)[:, 0]
     if not len(foreground) or not len(background):
-        raise ValueError("the probe needs query labels with both foreground and background voxels.")
+        raise ValueError("the probe needs labels with both foreground and background voxels.")
+    torch.manual_seed(seed)
+    mean, std = x.mean(0), x.std(0) + 1e-5
+    layers = (
+        [nn.Linear(x.shape[1], 1)]
+        if head == "linear"
+        else [nn.Linear(x.shape[1], 64), nn.ReLU(), nn.Linear(64, 1)]
+    )
+    net = nn.Sequential(_Standardise(mean, std), *layers)
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
     for _ in range(steps):
         # Balanced batches: the foreground is 1-5 % of a volume.
         idx = torch.cat(
@@ -64,20 +80,55 @@ def _fit_ceiling(x: torch.Tensor, y: torch.Tensor, steps: int, seed: int) -> flo
                 background[torch.randint(len(background), (4096,))],
             ]
         )
-        loss = F.binary_cross_entropy_with_logits(head(x[idx])[:, 0], y[idx])
+        loss = F.binary_cross_entropy_with_logits(net(x[idx])[:, 0], y[idx])
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+    return net.eval()
+
+
+class _Standardise(nn.Module):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    total = float(pred.sum() + truth.sum())
+    return 2 * float((pred & truth).sum()) / total if total else 1.0
+
+
+def _best_threshold(logits: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    """(threshold, Dice) of the best of :data:`_THRESHOLDS` on these voxels."""
+    scores = [(_dice(logits > t, truth), float(t)) for t in _THRESHOLDS]
+    dice, threshold = max(scores)
+    return threshold, dice
+
+
+def _fit_ceiling(x: torch.Tensor, y: torch.Tensor, steps: int, seed: int, head: str = "mlp") -> float:
+    """Fit a head on ``x`` (N, C) -> ``y`` (N,) and return its best Dice on the same voxels."""
+    net = _fit(x, y, head, steps, seed)
     with torch.no_grad():
-        logits = head(x)[:, 0]
-    # The best threshold on these same voxels (balanced batches skew the prior; a ceiling may pick it).
-    truth = y > 0
-    best = 0.0
-    for threshold in torch.linspace(-6.0, 6.0, 49):
-        pred = logits > threshold
-        total = float(pred.sum() + truth.sum())
-        best = max(best, 2 * float((pred & truth).sum()) / total if total else 1.0)
-    return best
+        return _best_threshold(net(x)[:, 0], y > 0)[1]
+
+
+def _fit_pool(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    queries: list[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    seed: int,
+    head: str,
+) -> float:
+    """Fit on the pool's voxels, pick the threshold on them, return the mean Dice over ``queries``."""
+    net = _fit(x, y, head, steps, seed)
+    with torch.no_grad():
+        threshold, _ = _best_threshold(net(x)[:, 0], y > 0)
+        return float(np.mean([_dice(net(qx)[:, 0] > threshold, qy > 0) for qx, qy in queries]))
 
 
 def run_probe(
@@ -87,16 +138,20 @@ def run_probe(
     steps: int = 300,
     seed: int = 0,
     tasks: Sequence[str] | None = None,
+    head: str = "linear",
 ) -> dict[str, Any]:
-    """Fit and score the ceiling head of every segmentation task of ``suite`` at each level count.
+    """Fit and score the ceiling and pool heads of every segmentation task of ``suite`` at each level count.
 
     Returns:
-        ``{"suite", "backbone", "device", "records": [{"task", "levels", "channels", "dice"}], "seconds"}``.
+        ``{"suite", "backbone", "head", "device", "records": [{"task", "levels", "channels", "ceiling",
+        "pool"}], "seconds"}``.
 
     Raises:
         ValueError: for an unknown suite or task, a suite without segmentation tasks, or a level count the
             backbone does not have.
     """
+    if head not in PROBE_HEADS:
+        raise ValueError(f"unknown probe head {head!r}; valid: {PROBE_HEADS}.")
     base = load_backbone(backbone_path)
     probes = {level: _with_levels(base, level) for level in levels}  # BackboneConfig checks each count
     chosen = [t for t in build_suite(suite, seed) if t.kind == "segmentation"]
@@ -112,16 +167,25 @@ def run_probe(
     start = time.perf_counter()
     records = []
     for task in tqdm(chosen, desc=f"probe {suite}"):
-        y = torch.cat([q["label"].flatten() for q in task.query])
+        qy = [q["label"].flatten() for q in task.query]
+        py = torch.cat([s["label"].flatten() for s in task.support_pool])
         for level, backbone in probes.items():
-            x = torch.cat([_features(backbone, q["image"]) for q in task.query])
-            dice = _fit_ceiling(x, y, steps, seed)
+            qx = [_features(backbone, q["image"]) for q in task.query]
+            px = torch.cat([_features(backbone, s["image"]) for s in task.support_pool])
             records.append(
-                {"task": task.name, "levels": level, "channels": backbone.feature_channels, "dice": dice}
+                {
+                    "task": task.name,
+                    "levels": level,
+                    "channels": backbone.feature_channels,
+                    "ceiling": _fit_ceiling(torch.cat(qx), torch.cat(qy), steps, seed, head),
+                    "pool": _fit_pool(px, py, list(zip(qx, qy)), steps, seed, head),
+                }
             )
     return {
         "suite": suite,
         "backbone": str(backbone_path),
+        "head": head,
+        "pool_cases": {t.name: len(t.support_pool) for t in chosen},
         "device": f"cpu: {platform.machine()}, {torch.get_num_threads()} torch threads",
         "records": records,
         "seconds": round(time.perf_counter() - start, 1),
@@ -129,16 +193,19 @@ def run_probe(
 
 
 def summarise_probe(results: dict[str, Any]) -> str:
-    """A Markdown table: Dice ceiling per task (rows) and level count (columns), with the mean."""
+    """A Markdown table: pool / ceiling Dice per task (rows) and level count (columns), with the means."""
     levels = sorted({r["levels"] for r in results["records"]})
     channels = {r["levels"]: r["channels"] for r in results["records"]}
     tasks = list(dict.fromkeys(r["task"] for r in results["records"]))
-    value = {(r["task"], r["levels"]): r["dice"] for r in results["records"]}
+    value = {(r["task"], r["levels"]): (r["pool"], r["ceiling"]) for r in results["records"]}
     lines = [
-        "| task | " + " | ".join(f"{n} level(s), {channels[n]} ch" for n in levels) + " |",
+        "| task | " + " | ".join(f"{n} level(s), {channels[n]} ch: pool / ceiling" for n in levels) + " |",
         "|---|" + "---|" * len(levels),
     ]
-    lines += [f"| {t} | " + " | ".join(f"{value[t, n]:.3f}" for n in levels) + " |" for t in tasks]
-    means = [np.mean([value[t, n] for t in tasks]) for n in levels]
-    lines.append("| **mean** | " + " | ".join(f"**{m:.3f}**" for m in means) + " |")
+    for t in tasks:
+        lines.append(
+            f"| {t} | " + " | ".join(f"{value[t, n][0]:.3f} / {value[t, n][1]:.3f}" for n in levels) + " |"
+        )
+    means = [np.mean([value[t, n] for t in tasks], axis=0) for n in levels]
+    lines.append("| **mean** | " + " | ".join(f"**{m[0]:.3f} / {m[1]:.3f}**" for m in means) + " |")
     return "\n".join(lines)

@@ -234,13 +234,14 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--device", choices=("cpu", "cuda"))
     s.set_defaults(func=_benchmark_speed)
     r = inner.add_parser(
-        "probe", help="separability ceiling of a backbone's features: a head fitted on the query itself"
+        "probe", help="what a backbone's features give: a head fitted on all support cases, and on the query"
     )
     r.add_argument("--suite", required=True, choices=sorted(SUITES))
     r.add_argument("--backbone", default=str(SHIPPED / "backbone.safetensors"))
     r.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3], help="decoder levels in the features")
     r.add_argument("--steps", type=int, default=300, help="Adam steps of the ceiling head")
     r.add_argument("--tasks", nargs="+", help="only these tasks of the suite")
+    r.add_argument("--head", choices=("linear", "mlp"), default="linear", help="the probe's head")
     r.add_argument("--out", type=Path, default=Path("results_probe.json"))
     r.set_defaults(func=_benchmark_probe)
     app_benchmarks.add_parsers(inner)
@@ -297,9 +298,14 @@ def _benchmark_speed(args: argparse.Namespace) -> int:
 def _benchmark_probe(args: argparse.Namespace) -> int:
     from medmeta_plugin.benchmarks.probe import run_probe, summarise_probe
 
-    results = run_probe(args.suite, args.backbone, tuple(args.levels), args.steps, tasks=args.tasks)
+    results = run_probe(
+        args.suite, args.backbone, tuple(args.levels), args.steps, tasks=args.tasks, head=args.head
+    )
     args.out.write_text(json.dumps(results, indent=1))
-    print(f"feature probe, suite {results['suite']}, {results['backbone']}, on {results['device']}")
+    print(
+        f"feature probe ({results['head']} head), suite {results['suite']}, {results['backbone']}, "
+        f"on {results['device']}"
+    )
     print(summarise_probe(results))
     print(f"results: {args.out}")
     return 0
