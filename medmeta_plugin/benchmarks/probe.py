@@ -88,6 +88,8 @@ def _fit(x: torch.Tensor, y: torch.Tensor, head: str, steps: int, seed: int) -> 
 
 
 class _Standardise(nn.Module):
+    """``(x - mean) / std`` per channel, with the statistics of the voxels the head is fitted on."""
+
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mean", mean)
