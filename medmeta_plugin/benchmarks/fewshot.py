@@ -230,9 +230,7 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
     scratch_config = reference.config if reference is not None else Backbone3D().config
     divisor = (reference or Backbone3D(scratch_config)).size_divisor
     records = []
-    heads = {
-        m: (("linear",) if m == "scratch" else config.heads) for m in config.methods
-    }  # scratch has no head choice
+    heads = {m: ("linear",) if m == "scratch" else config.heads for m in config.methods}  # scratch: no choice
     jobs = [
         (t, k, s, m, h)
         for t in tasks
@@ -254,15 +252,13 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
             mode = "full"
         else:
             model = MetaModel(backbones[family])
-            head_mode = mode == "head"
             options = {"voxel_sample": config.voxel_sample, "prior_shift": config.prior_shift}
-            if head_mode:
+            if mode == "head":
                 budget = head_mode_budget(config.head_steps, **options)
-            else:
-                budget = AdaptBudget(steps=config.steps, early_stopping=False, **options)
-            if head_mode:
                 features, extract_seconds = cache.support(family, backbones[family], drawn)
                 cached = (cache, family)
+            else:
+                budget = AdaptBudget(steps=config.steps, early_stopping=False, **options)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         num_outputs = task.num_outputs if task.kind == "classification" else None

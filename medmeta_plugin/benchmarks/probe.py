@@ -155,7 +155,11 @@ def run_probe(
     if head not in PROBE_HEADS:
         raise ValueError(f"unknown probe head {head!r}; valid: {PROBE_HEADS}.")
     base = load_backbone(backbone_path)
-    probes = {level: _with_levels(base, level) for level in levels}  # BackboneConfig checks each count
+    # Level n's features are the first channels of level n + 1's: one pass at the most levels serves all.
+    # BackboneConfig rejects a level count the backbone does not have.
+    configs = {level: dataclasses.replace(base.config, feature_levels=level) for level in levels}
+    channels = {level: sum(c.features[:level]) for level, c in configs.items()}
+    backbone = _with_levels(base, max(levels))
     chosen = [t for t in build_suite(suite, seed) if t.kind == "segmentation"]
     if tasks is not None:
         unknown = set(tasks) - {t.name for t in chosen}
@@ -171,14 +175,15 @@ def run_probe(
     for task in tqdm(chosen, desc=f"probe {suite}"):
         qy = [q["label"].flatten() for q in task.query]
         py = torch.cat([s["label"].flatten() for s in task.support_pool])
-        for level, backbone in probes.items():
-            qx = [_features(backbone, q["image"]) for q in task.query]
-            px = torch.cat([_features(backbone, s["image"]) for s in task.support_pool])
+        query = [_features(backbone, q["image"]) for q in task.query]
+        pool = torch.cat([_features(backbone, s["image"]) for s in task.support_pool])
+        for level, c in channels.items():
+            qx, px = [x[:, :c] for x in query], pool[:, :c]
             records.append(
                 {
                     "task": task.name,
                     "levels": level,
-                    "channels": backbone.feature_channels,
+                    "channels": c,
                     "ceiling": _fit_ceiling(torch.cat(qx), torch.cat(qy), steps, seed, head),
                     "pool": _fit_pool(px, py, list(zip(qx, qy)), steps, seed, head),
                 }

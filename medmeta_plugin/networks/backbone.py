@@ -275,8 +275,10 @@ class Backbone3D(nn.Module):
                 h = adapter.modulate(level, h)
             levels.append(h)
         embedding = torch.cat([bottleneck.mean(dim=(2, 3, 4)), h.mean(dim=(2, 3, 4))], dim=1)
-        coarser = levels[-self.config.feature_levels : -1] if self.config.feature_levels > 1 else []
-        features = torch.cat(
-            [h, *(F.interpolate(c, size=h.shape[2:], mode="trilinear") for c in reversed(coarser))], dim=1
-        )
+        features = h
+        if self.config.feature_levels > 1:  # one level: the finest output itself, no copy
+            coarser = reversed(levels[-self.config.feature_levels : -1])
+            features = torch.cat(
+                [h, *(F.interpolate(c, size=h.shape[2:], mode="trilinear") for c in coarser)], 1
+            )
         return BackboneOutput(features=features, embedding=embedding, position=body_position(x))
