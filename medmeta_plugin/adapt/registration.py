@@ -1,0 +1,265 @@
+"""Rigid registration of a labelled support scan onto a query scan, with ITK, for the atlas prior.
+
+A structure labelled on one patient's scan is, on another patient's scan, roughly where the two bodies
+align. ITK's v4 registration finds that alignment by Mattes mutual information, which compares intensity
+co-occurrence rather than intensities, so it aligns a CT with an MR as well as two CTs.
+
+Two choices make it work on whole scans of different extent (a 60 mm MR slab against a 336 mm CT):
+
+- **Soft-tissue window.** Each image is clipped to the 2nd-98th percentiles of its body voxels (above an
+  Otsu threshold). Without it air and bone dominate the joint histogram and the optimum puts the slab
+  where the body outlines match, not the organs (kidney Dice 0.00 against 0.68 with the window, CT -> MR).
+- **Multi-start along the body axis.** The optimiser only finds the nearest optimum, so it starts from
+  offsets every ``start_step_mm`` along the world superior-inferior axis covering the extent difference
+  (11 starts for that pair), each on the images smoothed and shrunk 4x (built once: 0.04 s a start where
+  letting ITK rebuild them per start took 2.4 s); the best by the metric is refined at 2x. Full resolution
+  is not worth its 2.5 s: the prior is blurred by more than a voxel anyway.
+
+Every function takes arrays on their own voxel grid plus the 4x4 voxel-to-world matrix (RAS, mm) of
+:class:`~medmeta_plugin.io.ImageMeta`; ITK's LPS convention stays inside this module
+(:mod:`monai.data.itk_torch_bridge` converts).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import itk
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.data.itk_torch_bridge import itk_image_to_metatensor, metatensor_to_itk_image
+
+__all__ = ["RigidRegistration", "register_rigid", "signed_distance_mm", "soft_tissue_window", "warp_to"]
+
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS, its own inverse
+
+
+@dataclass(frozen=True)
+class RigidRegistration:
+    """The result of :func:`register_rigid`.
+
+    Attributes:
+        matrix: 4x4 world transform (RAS, mm) mapping a point of the fixed (query) scan to the point of the
+            moving (support) scan that lies on it.
+        metric: final Mattes mutual information (lower is better; negative).
+        seconds: wall time of the registration.
+    """
+
+    matrix: np.ndarray
+    metric: float
+    seconds: float
+
+
+def _check_volume(array: np.ndarray, affine: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    array = np.asarray(array)
+    affine = np.asarray(affine, dtype=np.float64)
+    if array.ndim != 3 or min(array.shape) < 2:
+        raise ValueError(
+            f"{name} must be a 3D array (X, Y, Z) with every size >= 2, got shape {array.shape}."
+        )
+    if affine.shape != (4, 4) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise ValueError(f"{name}_affine must be an invertible 4x4 voxel-to-world matrix, got {affine!r}.")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds NaN or infinite values.")
+    return array.astype(np.float32, copy=False), affine
+
+
+def soft_tissue_window(array: np.ndarray) -> np.ndarray:
+    """Clip a scan to the 2nd-98th percentiles of its body voxels (those above the Otsu threshold).
+
+    Args:
+        array: scan, shape (X, Y, Z), any intensity scale (Hounsfield units, MR units, normalised).
+
+    Returns:
+        The clipped scan, float32, same shape.
+    """
+    values = np.asarray(array, dtype=np.float32)
+    counts, edges = np.histogram(values, bins=256)
+    centres = (edges[:-1] + edges[1:]) / 2
+    below = np.cumsum(counts)
+    above = below[-1] - below
+    mass = np.cumsum(counts * centres)
+    mean_below = mass / np.maximum(below, 1)
+    mean_above = (mass[-1] - mass) / np.maximum(above, 1)
+    threshold = centres[np.argmax(below * above * (mean_below - mean_above) ** 2)]
+    body = values[values > threshold]
+    if body.size < 2:
+        return values
+    low, high = np.percentile(body, [2, 98])
+    return np.clip(values, low, high)
+
+
+def _to_itk(array: np.ndarray, affine: np.ndarray) -> itk.Image:
+    tensor = MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=torch.as_tensor(affine))
+    tensor.meta["space"] = "RAS"
+    return metatensor_to_itk_image(tensor, channel_dim=None)
+
+
+def _superior_extent(array: np.ndarray, affine: np.ndarray) -> tuple[float, float]:
+    corners = np.array(
+        [
+            [i, j, k, 1.0]
+            for i in (0, array.shape[0] - 1)
+            for j in (0, array.shape[1] - 1)
+            for k in (0, array.shape[2] - 1)
+        ]
+    )
+    z = (corners @ affine.T)[:, 2]
+    return float(z.min()), float(z.max())
+
+
+def _shrunk(image: itk.Image, factor: int) -> itk.Image:
+    """Smoothed (sigma half the new voxel size) and shrunk by ``factor`` along each axis of size > factor."""
+    spacing = np.asarray(itk.spacing(image), dtype=np.float64)
+    factors = [factor if size > 2 * factor else 1 for size in itk.size(image)]
+    smooth = itk.smoothing_recursive_gaussian_image_filter(image, sigma=float(factor * spacing.mean() / 2))
+    return itk.shrink_image_filter(smooth, shrink_factors=factors)
+
+
+def _run(fixed: itk.Image, moving: itk.Image, transform: itk.Euler3DTransform, iterations: int) -> float:
+    image_type = itk.Image[itk.F, 3]
+    metric = itk.MattesMutualInformationImageToImageMetricv4[image_type, image_type].New(
+        NumberOfHistogramBins=32
+    )
+    optimizer = itk.RegularStepGradientDescentOptimizerv4[itk.D].New(
+        LearningRate=2.0, MinimumStepLength=0.05, NumberOfIterations=iterations, RelaxationFactor=0.6
+    )
+    optimizer.SetScalesEstimator(
+        itk.RegistrationParameterScalesFromPhysicalShift[type(metric)].New(Metric=metric)
+    )
+    method = itk.ImageRegistrationMethodv4[image_type, image_type].New(
+        FixedImage=fixed,
+        MovingImage=moving,
+        Metric=metric,
+        Optimizer=optimizer,
+        InitialTransform=transform,
+        InPlace=True,
+    )
+    method.SetNumberOfLevels(1)  # the caller passes images already smoothed and shrunk
+    method.SetShrinkFactorsPerLevel([1])
+    method.SetSmoothingSigmasPerLevel([0])
+    method.Update()
+    return float(optimizer.GetValue())
+
+
+def _matrix(transform: itk.Euler3DTransform) -> np.ndarray:
+    lps = np.eye(4)
+    lps[:3, :3] = itk.array_from_matrix(transform.GetMatrix())
+    lps[:3, 3] = np.asarray(transform.GetOffset())
+    return _LPS @ lps @ _LPS
+
+
+def register_rigid(
+    fixed: np.ndarray,
+    fixed_affine: np.ndarray,
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    *,
+    start_step_mm: float = 30.0,
+    iterations: int = 100,
+) -> RigidRegistration:
+    """Align a moving (support) scan onto a fixed (query) scan by a rigid transform.
+
+    Args:
+        fixed: query scan, shape (X, Y, Z); fixed_affine: its 4x4 voxel-to-world matrix (RAS, mm).
+        moving: support scan, shape (X', Y', Z'); moving_affine: its matrix.
+        start_step_mm: spacing of the starting offsets along the world superior-inferior axis.
+        iterations: optimiser iterations per resolution level.
+
+    Returns:
+        :class:`RigidRegistration` (fixed-world -> moving-world matrix, metric, seconds).
+
+    Raises:
+        ValueError: if an array is not 3D, holds NaN/inf, or an affine is not an invertible 4x4 matrix.
+    """
+    fixed, fixed_affine = _check_volume(fixed, fixed_affine, "fixed")
+    moving, moving_affine = _check_volume(moving, moving_affine, "moving")
+    if start_step_mm <= 0 or iterations < 1:
+        raise ValueError(f"start_step_mm must be > 0 and iterations >= 1, got {start_step_mm}, {iterations}.")
+    start = time.perf_counter()
+    fixed_itk = _to_itk(soft_tissue_window(fixed), fixed_affine)
+    moving_itk = _to_itk(soft_tissue_window(moving), moving_affine)
+    coarse = (_shrunk(fixed_itk, 4), _shrunk(moving_itk, 4))
+    fine = (_shrunk(fixed_itk, 2), _shrunk(moving_itk, 2))
+    centre_f = fixed_affine @ np.array([*(np.array(fixed.shape) - 1) / 2, 1.0])
+    centre_m = moving_affine @ np.array([*(np.array(moving.shape) - 1) / 2, 1.0])
+    low_f, high_f = _superior_extent(fixed, fixed_affine)
+    low_m, high_m = _superior_extent(moving, moving_affine)
+    reach = abs((high_m - low_m) - (high_f - low_f)) / 2 + start_step_mm
+    offsets = np.arange(-np.floor(reach / start_step_mm), np.floor(reach / start_step_mm) + 1) * start_step_mm
+    best: tuple[float, itk.Euler3DTransform] | None = None
+    for dz in offsets:
+        transform = itk.Euler3DTransform[itk.D].New()
+        transform.SetCenter([float(c) for c in _LPS[:3, :3] @ centre_f[:3]])
+        translation = centre_m[:3] - centre_f[:3] + np.array([0.0, 0.0, dz])
+        transform.SetTranslation([float(t) for t in _LPS[:3, :3] @ translation])
+        value = _run(*coarse, transform, iterations)
+        if best is None or value < best[0]:
+            best = (value, transform)
+    assert best is not None  # offsets always holds 0
+    value = _run(*fine, best[1], iterations)
+    return RigidRegistration(_matrix(best[1]), value, time.perf_counter() - start)
+
+
+def warp_to(
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    fixed_shape: tuple[int, int, int],
+    fixed_affine: np.ndarray,
+    matrix: np.ndarray,
+) -> np.ndarray:
+    """Resample a support volume (e.g. a mask) onto the query grid through a registration.
+
+    Args:
+        moving: support volume, shape (X', Y', Z'), resampled linearly (a mask becomes a probability).
+        moving_affine: its 4x4 voxel-to-world matrix (RAS, mm).
+        fixed_shape: the query grid's shape (X, Y, Z); fixed_affine: its matrix.
+        matrix: fixed-world -> moving-world transform (:attr:`RigidRegistration.matrix`).
+
+    Returns:
+        The resampled volume, shape ``fixed_shape``, float32, 0 outside the support scan.
+    """
+    moving, moving_affine = _check_volume(moving, moving_affine, "moving")
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.shape != (4, 4):
+        raise ValueError(f"matrix must be 4x4, got shape {matrix.shape}.")
+    reference = _to_itk(np.zeros(tuple(int(s) for s in fixed_shape), np.float32), fixed_affine)
+    transform = itk.AffineTransform[itk.D, 3].New()
+    lps = _LPS @ matrix @ _LPS
+    transform.SetMatrix(itk.matrix_from_array(np.ascontiguousarray(lps[:3, :3])))
+    transform.SetTranslation([float(t) for t in lps[:3, 3]])
+    image = _to_itk(moving, moving_affine)
+    warped = itk.resample_image_filter(
+        image,
+        transform=transform,
+        interpolator=itk.LinearInterpolateImageFunction.New(image),
+        reference_image=reference,
+        use_reference_image=True,
+        default_pixel_value=0.0,
+    )
+    out = itk_image_to_metatensor(warped, channel_dim=None)
+    return np.asarray(out.array, dtype=np.float32).reshape(tuple(int(s) for s in fixed_shape))
+
+
+def signed_distance_mm(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Signed distance to a mask's boundary in mm (ITK's Maurer distance map): negative inside.
+
+    Args:
+        mask: binary mask, shape (X, Y, Z); affine: its 4x4 voxel-to-world matrix (RAS, mm).
+
+    Returns:
+        Distances, shape (X, Y, Z), float32; +inf everywhere for an empty mask.
+    """
+    mask = np.asarray(mask) > 0
+    if not mask.any():
+        return np.full(mask.shape, np.inf, np.float32)
+    image = itk.cast_image_filter(
+        _to_itk(mask.astype(np.float32), affine), ttype=(itk.Image[itk.F, 3], itk.Image[itk.UC, 3])
+    )
+    distance = itk.signed_maurer_distance_map_image_filter(
+        image, use_image_spacing=True, squared_distance=False, inside_is_positive=False
+    )
+    out = itk_image_to_metatensor(distance, channel_dim=None)
+    return np.asarray(out.array, dtype=np.float32).reshape(mask.shape)

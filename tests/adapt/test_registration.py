@@ -1,0 +1,178 @@
+"""Rigid registration and the atlas prior, on phantoms moved by known transforms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medmeta_plugin.adapt.atlas import (
+    HEAD_LIMIT,
+    PRIOR_MM_PER_LOGIT,
+    AtlasCase,
+    RegistrationCache,
+    atlas_prior,
+    fuse,
+    prior_logits,
+)
+from medmeta_plugin.adapt.registration import (
+    RigidRegistration,
+    register_rigid,
+    signed_distance_mm,
+    soft_tissue_window,
+    warp_to,
+)
+from medmeta_plugin.episodes import make_case
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+@pytest.fixture(scope="module")
+def phantom() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 48^3 phantom at 2 mm in RAS and the mask of its first structure."""
+    case = make_case(["sphere_bright", "box_bright_striped", "rounded_box_dark"], seed=3)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = (-48.0, -48.0, -48.0)
+    return case.image[0], (case.label[0] == 1).astype(np.float32), affine
+
+
+def _moved(array: np.ndarray, affine: np.ndarray, shift_mm: tuple[float, float, float]) -> np.ndarray:
+    """The same voxels stored flipped along x (LAS), with the world moved by ``shift_mm``: a scan whose
+    content lies ``shift_mm`` away in world space, written in another orientation."""
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, array.shape[0] - 1
+    moved = affine @ flip
+    moved[:3, 3] += shift_mm
+    return moved
+
+
+def test_identity_warp_reproduces_the_volume(phantom: tuple[np.ndarray, ...]) -> None:
+    image, mask, affine = phantom
+    out = warp_to(mask, affine, image.shape, affine, np.eye(4))
+    np.testing.assert_allclose(out, mask, atol=1e-6)
+
+
+def test_registration_recovers_a_shift_across_orientations(phantom: tuple[np.ndarray, ...]) -> None:
+    image, mask, affine = phantom
+    shift = (8.0, -6.0, 10.0)
+    moving_affine = _moved(image, affine, shift)
+    moving, moving_mask = image[::-1].copy(), mask[::-1].copy()
+    result = register_rigid(image, affine, moving, moving_affine)
+    # A fixed point p is seen at p + shift in the moved scan; the finest level works at 2x the 2 mm voxels,
+    # so the error stays under one of its 4 mm voxels.
+    probe = np.array([10.0, -4.0, 6.0, 1.0])
+    np.testing.assert_allclose((result.matrix @ probe)[:3], probe[:3] + shift, atol=3.0)
+    carried = warp_to(moving_mask, moving_affine, image.shape, affine, result.matrix) > 0.5
+    unregistered = warp_to(moving_mask, moving_affine, image.shape, affine, np.eye(4)) > 0.5
+    assert _dice(carried, mask > 0.5) > 0.8
+    assert _dice(unregistered, mask > 0.5) < _dice(carried, mask > 0.5) - 0.3
+
+
+def test_atlas_prior_caches_each_pair_once(phantom: tuple[np.ndarray, ...]) -> None:
+    image, mask, affine = phantom
+    moving_affine = _moved(image, affine, (4.0, 0.0, -6.0))
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return register_rigid(*args, **kwargs)
+
+    cache = RegistrationCache(counting)
+    case = AtlasCase("support", image[::-1].copy(), moving_affine, mask[::-1].copy())
+    first = atlas_prior("query", image, affine, [case], cache)
+    second = atlas_prior("query", image, affine, [case, case], cache)
+    assert len(calls) == 1
+    assert first.shape == image.shape and first.min() >= 0 and first.max() <= 1
+    np.testing.assert_allclose(first, second, atol=1e-6)
+    assert _dice(first > 0.5, mask > 0.5) > 0.8
+
+
+def _ball(radius: float) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """A ball prior on a 1 mm grid: probabilities, distance log-odds and the grid's affine."""
+    grid = np.stack(np.meshgrid(*[np.arange(40)] * 3, indexing="ij"), -1)
+    prior = (np.linalg.norm(grid - 20, axis=-1) < radius).astype(np.float32)
+    affine = np.eye(4)
+    return torch.from_numpy(prior), torch.from_numpy(prior_logits(prior, affine)), affine
+
+
+def test_prior_log_odds_follow_the_distance_to_the_carried_boundary() -> None:
+    prior, logits, affine = _ball(10.0)
+    distance = signed_distance_mm(prior.numpy() > 0.5, affine)
+    assert distance[20, 20, 20] < -8 and distance[20, 20, 36] > 5
+    assert logits[20, 20, 20] > HEAD_LIMIT  # deep inside, the position outvotes the head
+    assert logits[20, 20, 39] < -HEAD_LIMIT  # far outside too
+    assert abs(logits[20, 20, 30]) <= 1.0 / PRIOR_MM_PER_LOGIT + 1e-6  # at the boundary, the head decides
+
+
+def test_fuse_keeps_the_head_near_the_boundary_and_the_position_far_from_it() -> None:
+    prior, distance, _ = _ball(10.0)
+    head = torch.full(prior.shape, -40.0)
+    head[8:33, 8:33, 8:33] = 40.0  # the head agrees roughly but says the structure is 12 mm in radius
+    fused = fuse(head, prior, distance)
+    assert fused[20, 20, 20] > 0 and fused[20, 20, 31] > 0  # 11 mm out: the head's boundary is kept
+    assert fused[2, 20, 20] < 0  # far outside: the position rules out the head's mistakes
+
+
+def test_fuse_falls_back_to_the_prior_when_the_head_does_not_recognise_the_structure() -> None:
+    prior, distance, _ = _ball(6.0)  # 1.4% of the grid: a head marking everything overlaps it by Dice 0.03
+    for head in (torch.full(prior.shape, -40.0), torch.full(prior.shape, 40.0)):  # nothing, or everything
+        fused = fuse(head, prior, distance)
+        assert torch.equal(fused > 0, prior > 0.5)
+
+
+def test_soft_tissue_window_ignores_air_and_bone() -> None:
+    rng = np.random.default_rng(0)
+    volume = np.full((20, 20, 20), -1000.0, np.float32)  # air
+    volume[4:16, 4:16, 4:16] = rng.normal(40.0, 10.0, (12, 12, 12))  # soft tissue
+    volume[9:11, 9:11, 9:11] = 1500.0  # a little bone
+    window = soft_tissue_window(volume)
+    assert -20 < window.min() < 40 and 40 < window.max() < 100
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fixed": np.zeros((4, 4))}, "3D array"),
+        ({"fixed_affine": np.zeros((4, 4))}, "invertible"),
+        ({"moving": np.full((4, 4, 4), np.nan)}, "NaN"),
+        ({"start_step_mm": 0.0}, "start_step_mm"),
+    ],
+)
+def test_bad_input_is_rejected(kwargs: dict, match: str) -> None:
+    args = {
+        "fixed": np.zeros((4, 4, 4)),
+        "fixed_affine": np.eye(4),
+        "moving": np.zeros((4, 4, 4)),
+        "moving_affine": np.eye(4),
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        register_rigid(**args)
+
+
+def test_atlas_inputs_are_checked() -> None:
+    with pytest.raises(ValueError, match="one shape"):
+        AtlasCase("a", np.zeros((4, 4, 4)), np.eye(4), np.zeros((4, 4, 5)))
+    with pytest.raises(ValueError, match="at least one"):
+        atlas_prior("q", np.zeros((4, 4, 4)), np.eye(4), [])
+    with pytest.raises(ValueError, match="one shape"):
+        fuse(torch.zeros(2), torch.zeros(2), torch.zeros(3))
+
+
+def test_several_carried_masks_keep_a_thin_structure_s_volume() -> None:
+    # Three one-voxel ribbons, each shifted by a voxel: a majority vote would leave almost nothing.
+    image = np.zeros((16, 16, 16), np.float32)
+    masks = []
+    for shift in range(3):
+        mask = np.zeros_like(image)
+        mask[4:12, 4:12, 6 + shift] = 1.0
+        masks.append(mask)
+    identity = RegistrationCache(lambda *args: RigidRegistration(np.eye(4), 0.0, 0.0))
+    cases = [AtlasCase(f"support-{i}", image, np.eye(4), m) for i, m in enumerate(masks)]
+    prior = atlas_prior("query", image, np.eye(4), cases, identity)
+    union = np.max(masks, axis=0) > 0
+    assert (np.mean(masks, axis=0) >= 0.5).sum() == 0, "a majority vote loses the ribbon"
+    kept = prior >= 0.5
+    assert kept.sum() >= 64 and not (kept & ~union).any()  # at least one ribbon's volume, all of it carried
