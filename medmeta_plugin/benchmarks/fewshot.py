@@ -3,11 +3,16 @@
 Methods:
     ``scratch``          the same network from random initialisation, every parameter trained, random head,
                          the same number of steps: what a plain trainer does with a few labels;
+    ``atlas``            no network: the support masks registered onto the query (real suites only,
+                         :mod:`medmeta_plugin.adapt.atlas`), thresholded at 0.5 - the classic atlas method;
     ``multitask+<mode>`` adaptation on the backbone trained jointly on the meta-training tasks;
     ``meta+<mode>``      adaptation on the meta-learned backbone (the shipped one by default).
 
 All adaptation goes through :func:`medmeta_plugin.adapt.adapt`, with the head initialised in closed form
 from the support set (except ``scratch``), on whole support volumes padded to the backbone's size divisor.
+With ``atlas="on"`` (or ``"both"``) every adapted method's query logits on a real suite are also fused with
+that atlas prior (:func:`~medmeta_plugin.adapt.atlas.fuse`), recorded as ``<method>+atlas``; registrations
+are computed once per pair of scans and their seconds counted in every record that uses them.
 Segmentation is scored by Dice on whole query volumes, classification by accuracy, regression by mean
 absolute error.
 
@@ -41,6 +46,14 @@ from monai.utils import look_up_option
 from tqdm import tqdm
 
 from medmeta_plugin.adapt import HEAD_MODE_STEPS, VOXEL_SAMPLES, AdaptBudget, adapt, head_mode_budget
+from medmeta_plugin.adapt.atlas import (
+    PRIOR_CAP,
+    AtlasCase,
+    RegistrationCache,
+    atlas_prior,
+    fuse,
+    prior_logits,
+)
 from medmeta_plugin.benchmarks.suites import EvalTask, build_suite
 from medmeta_plugin.meta.objectives import task_score
 from medmeta_plugin.networks import ADAPTER_MODES, Backbone3D, MetaModel, load_backbone
@@ -48,6 +61,7 @@ from medmeta_plugin.networks.backbone import BackboneOutput
 from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
 
 __all__ = [
+    "ATLAS_CHOICES",
     "METHODS",
     "BenchmarkConfig",
     "parse_methods",
@@ -60,7 +74,14 @@ __all__ = [
 # The shipped backbones, found from the package so the benchmark runs from any folder.
 SHIPPED = Path(__file__).resolve().parents[2] / "sample_apps" / "backbone"
 
-METHODS = ("scratch", *(f"multitask+{m}" for m in ADAPTER_MODES), *(f"meta+{m}" for m in ADAPTER_MODES))
+METHODS = (
+    "scratch",
+    "atlas",
+    *(f"multitask+{m}" for m in ADAPTER_MODES),
+    *(f"meta+{m}" for m in ADAPTER_MODES),
+)
+#: ``off``: plain head logits; ``on``: fused with the atlas prior where a suite has geometry; ``both``.
+ATLAS_CHOICES = ("off", "on", "both")
 
 
 @dataclass(frozen=True)
@@ -84,6 +105,8 @@ class BenchmarkConfig:
             every method but ``scratch`` runs once per kind, recorded as ``<method>@<head>`` when there is
             more than one kind. Ignored by classification and regression tasks.
         prior_shift: :attr:`~medmeta_plugin.adapt.AdaptBudget.prior_shift` of head-mode adaptation.
+        atlas: one of :data:`ATLAS_CHOICES`: score adapted methods with the atlas prior fused in (real
+            suites only; phantoms have no geometry to register).
     """
 
     suite: str
@@ -98,15 +121,19 @@ class BenchmarkConfig:
     voxel_sample: str = AdaptBudget.voxel_sample
     heads: tuple[str, ...] = (DEFAULT_SEGMENTATION_HEAD,)
     prior_shift: bool = True
+    atlas: str = "off"
 
     def __post_init__(self) -> None:
         look_up_option(self.voxel_sample, VOXEL_SAMPLES)
+        look_up_option(self.atlas, ATLAS_CHOICES)
         for head in self.heads:
             look_up_option(head, SEGMENTATION_HEADS)
 
 
 def _pad(array: torch.Tensor, divisor: int) -> torch.Tensor:
-    return torch.as_tensor(DivisiblePad(k=divisor)(array))
+    # A plain tensor, not MONAI's MetaTensor: its metadata tracking costs on every operation, and head-mode
+    # adaptation runs many small ones.
+    return torch.as_tensor(DivisiblePad(k=divisor)(array)).as_subclass(torch.Tensor)
 
 
 def _prepare_support(items: list[dict[str, Any]], divisor: int) -> list[dict[str, Any]]:
@@ -154,6 +181,43 @@ class _FeatureCache:
         return BackboneOutput.cat([o for o, _ in outs]), sum(s for _, s in outs)
 
 
+class _AtlasPriors:
+    """Atlas priors of support draws on the query scans; one registration per pair of scans for the run."""
+
+    def __init__(self) -> None:
+        self.registrations = RegistrationCache()
+
+    def has_geometry(self, task: EvalTask) -> bool:
+        return task.kind == "segmentation" and all("affine" in it for it in [*task.support_pool, *task.query])
+
+    def priors(
+        self, task: EvalTask, drawn: list[dict[str, Any]]
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
+        """The prior and its distance log-odds ((X, Y, Z) each) of ``drawn`` on each query, and the seconds
+        one fresh computation takes (its registrations as measured when first computed, plus the rest now).
+        """
+        cases = [
+            AtlasCase(id(it["image"]), it["image"][0].numpy(), it["affine"], it["label"][0].numpy())
+            for it in drawn
+        ]
+        priors, seconds = [], 0.0
+        for q in task.query:
+            fresh = {(id(q["image"]), c.key) for c in cases} - set(self.registrations.entries)
+            start = time.perf_counter()
+            prior = atlas_prior(id(q["image"]), q["image"][0].numpy(), q["affine"], cases, self.registrations)
+            distance = prior_logits(prior, q["affine"])
+            elapsed = time.perf_counter() - start
+            pairs = [self.registrations.entries[(id(q["image"]), c.key)] for c in cases]
+            fresh_seconds = sum(self.registrations.entries[key].seconds for key in fresh)
+            seconds += elapsed - fresh_seconds + sum(r.seconds for r in pairs)
+            priors.append((torch.from_numpy(prior), torch.from_numpy(distance)))
+        return priors, seconds
+
+
+def _dice(logits: torch.Tensor, label: torch.Tensor) -> float:
+    return task_score("segmentation", logits, label)
+
+
 @torch.no_grad()
 def _score(
     model: MetaModel,
@@ -161,11 +225,13 @@ def _score(
     name: str,
     divisor: int,
     cached: tuple[_FeatureCache, str] | None = None,
+    priors: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> float:
     """Mean score over the query cases (Dice, accuracy, or mean absolute error for regression).
 
     With ``cached`` = (cache, backbone family) a head-mode adapter is applied to the cached query features
-    instead of running the backbone again (the same numbers: the head-mode adapter is the identity).
+    instead of running the backbone again (the same numbers: the head-mode adapter is the identity). With
+    ``priors`` (an atlas prior and its distance log-odds per query) the logits are fused with them first.
     """
     device = next(model.parameters()).device
     if task.kind != "segmentation":
@@ -183,7 +249,12 @@ def _score(
             logits = model.task(name).head(cache.get(family, model.backbone, q["image"])[0])
         else:
             logits = model(_pad(q["image"], divisor)[None].to(device), name)
-        scores.append(task_score("segmentation", logits, label))
+        if priors is not None:
+            prior, distance = priors[len(scores)]
+            prior = _pad(prior[None], divisor)[0].to(device)
+            distance = torch.as_tensor(DivisiblePad(k=divisor, value=-PRIOR_CAP)(distance[None]))[0]
+            logits = fuse(logits[0, 0], prior, distance.as_subclass(torch.Tensor).to(device))[None, None]
+        scores.append(_dice(logits, label))
     return float(np.mean(scores))
 
 
@@ -230,18 +301,41 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
     scratch_config = reference.config if reference is not None else Backbone3D().config
     divisor = (reference or Backbone3D(scratch_config)).size_divisor
     records = []
-    heads = {m: ("linear",) if m == "scratch" else config.heads for m in config.methods}  # scratch: no choice
+    atlas = _AtlasPriors()
+    heads = {m: ("linear",) if m in ("scratch", "atlas") else config.heads for m in config.methods}
     jobs = [
         (t, k, s, m, h)
         for t in tasks
         for k in config.shots
         for s in range(config.seeds)
         for m in config.methods
+        if m != "atlas" or atlas.has_geometry(t)
         for h in (heads[m] if t.kind == "segmentation" else ("linear",))
     ]
+    fused = {"off": (False,), "on": (True,), "both": (False, True)}[config.atlas]
     cache = _FeatureCache(divisor)
     for task, shots, seed, method, head in tqdm(jobs, desc=f"benchmark {config.suite}"):
         drawn = task.draw_support(shots, seed)
+        label = f"{method}@{head}" if len(heads[method]) > 1 else method
+        record = {"task": task.name, "kind": task.kind, "shots": shots, "seed": seed}
+        if method == "atlas":
+            priors, seconds = atlas.priors(task, drawn)
+            value = float(
+                np.mean(
+                    [_dice((p - 0.5)[None, None], q["label"][None]) for (p, _), q in zip(priors, task.query)]
+                )
+            )
+            records.append(
+                {
+                    "method": label,
+                    **record,
+                    "metric": "dice",
+                    "value": value,
+                    "adapt_seconds": seconds,
+                    "peak_mem_mb": _peak_mem_mb(device),
+                }
+            )
+            continue
         support = _prepare_support(drawn, divisor)
         family, _, mode = method.partition("+")
         features, extract_seconds, cached = None, 0.0, None
@@ -275,21 +369,20 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
             head=head,
         )
         model.attach(adapter)
-        value = _score(model, task, "bench", divisor, cached)
         metric = {"segmentation": "dice", "classification": "accuracy", "regression": "mae_ml"}[task.kind]
-        records.append(
-            {
-                "method": f"{method}@{head}" if len(heads[method]) > 1 else method,
-                "task": task.name,
-                "kind": task.kind,
-                "shots": shots,
-                "seed": seed,
-                "metric": metric,
-                "value": value,
-                "adapt_seconds": report.seconds + extract_seconds,
-                "peak_mem_mb": _peak_mem_mb(device),
-            }
-        )
+        variants = fused if method != "scratch" and atlas.has_geometry(task) else (False,)
+        for with_atlas in variants:
+            priors, prior_seconds = atlas.priors(task, drawn) if with_atlas else (None, 0.0)
+            records.append(
+                {
+                    "method": label + ("+atlas" if with_atlas else ""),
+                    **record,
+                    "metric": metric,
+                    "value": _score(model, task, "bench", divisor, cached, priors),
+                    "adapt_seconds": report.seconds + extract_seconds + prior_seconds,
+                    "peak_mem_mb": _peak_mem_mb(device),
+                }
+            )
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:

@@ -28,6 +28,10 @@ figures off ~0, though: the shipped backbone's features do not separate these st
 the support scan itself (``docs/benchmarks/abdomen-linear-probe.md``). The brain suite's support cases
 are all deformed copies and are drawn by seed; the abdomen's 1 shot is always the real CT.
 
+Real suites' items carry their scan's voxel-to-world matrix, so the ``atlas`` method and ``--atlas`` can
+register support scans onto the query (:mod:`medmeta_plugin.adapt.atlas`); phantoms have none (their
+structures are placed at random, so position carries nothing from one phantom to the next).
+
 Real suites read ``../shared/data/real`` (or ``$MEDMETA_REAL_DATA``); the structures they evaluate are the
 ones in :mod:`medmeta_plugin.benchmarks.splits`, which meta-training never sees.
 """
@@ -48,6 +52,7 @@ from medmeta_plugin.episodes import HELDOUT_FAMILIES, Case, load_case, make_case
 from medmeta_plugin.episodes.copies import deformed_copies
 from medmeta_plugin.episodes.synthetic import case_plans
 from medmeta_plugin.episodes.tasks import TaskRegistry
+from medmeta_plugin.io import read_image
 from medmeta_plugin.transforms import normalize_intensity
 
 __all__ = ["SUITES", "EvalTask", "build_suite", "real_data_root"]
@@ -62,7 +67,8 @@ class EvalTask:
     Attributes:
         name: task name; kind: task kind; num_outputs: classes (classification) or 1.
         support_pool: candidate support cases; items hold ``"image"`` (1, X, Y, Z) and ``"label"``
-            (1, X, Y, Z) or ``"target"``, plus ``"class"`` for per-class shot sampling in classification.
+            (1, X, Y, Z) or ``"target"``, plus ``"class"`` for per-class shot sampling in classification
+            and, for real scans, ``"affine"`` (4x4 voxel-to-world, RAS mm) for the atlas prior.
         query: the cases scored after adaptation (whole volumes).
         original_first: the pool's first case is the real labelled scan and every draw starts with it
             (the other cases are deformed copies of it).
@@ -170,6 +176,12 @@ def _real_case(folder: str) -> Case:
     return next(c for t in registry for c in t.cases if c.case_id == folder)
 
 
+def _affine(case: Case) -> np.ndarray:
+    """The scan's 4x4 voxel-to-world matrix (RAS, mm); its deformed copies lie on the same grid."""
+    assert case.image_path is not None  # real cases are on disk
+    return read_image(case.image_path)[1].affine
+
+
 def _value(case: Case, name: str) -> int | None:
     return next((v for v, n in case.structures.items() if n == name), None)
 
@@ -180,13 +192,17 @@ def _abdomen(seed: int) -> list[EvalTask]:
     mr_image, mr_label = load_case(mr)
     # One image tensor per scan, shared by every structure's task (see the module docstring).
     ct_images, query_image = [_image(i) for i, _ in loaded], _image(mr_image)
+    ct_affine, mr_affine = _affine(ct), _affine(mr)
     tasks = []
     for name in ABDOMEN_HELDOUT:
         v_ct, v_mr = _value(ct, name), _value(mr, name)
         if v_ct is None or v_mr is None:
             continue
-        pool = [{"image": im, "label": _mask(lab, v_ct)} for im, (_, lab) in zip(ct_images, loaded)]
-        query = [{"image": query_image, "label": _mask(mr_label, v_mr)}]
+        pool = [
+            {"image": im, "label": _mask(lab, v_ct), "affine": ct_affine}
+            for im, (_, lab) in zip(ct_images, loaded)
+        ]
+        query = [{"image": query_image, "label": _mask(mr_label, v_mr), "affine": mr_affine}]
         tasks.append(EvalTask(name, "segmentation", 1, pool, query, original_first=True))
     return tasks
 
@@ -196,13 +212,20 @@ def _brain(seed: int) -> list[EvalTask]:
     support = [load_case(c) for c in deformed_copies([brain], 5, seed=seed)]
     query = [load_case(c) for c in deformed_copies([brain], 2, seed=seed + 10_000)]
     support_images, query_images = [_image(i) for i, _ in support], [_image(i) for i, _ in query]
+    affine = _affine(brain)
     tasks = []
     for name in BRAIN_HELDOUT:
         v = _value(brain, name)
         if v is None:
             continue
-        pool = [{"image": im, "label": _mask(lab, v)} for im, (_, lab) in zip(support_images, support)]
-        queries = [{"image": im, "label": _mask(lab, v)} for im, (_, lab) in zip(query_images, query)]
+        pool = [
+            {"image": im, "label": _mask(lab, v), "affine": affine}
+            for im, (_, lab) in zip(support_images, support)
+        ]
+        queries = [
+            {"image": im, "label": _mask(lab, v), "affine": affine}
+            for im, (_, lab) in zip(query_images, query)
+        ]
         tasks.append(EvalTask(name, "segmentation", 1, pool, queries))
     return tasks
 
@@ -212,15 +235,32 @@ def _tumour(seed: int) -> list[EvalTask]:
     scans = [_real_case(f"mr_brain_tumour_{i}") for i in (1, 2)]
     loaded = {c.case_id: load_case(c) for c in scans}
     images = {k: _image(image) for k, (image, _) in loaded.items()}
+    affines = {c.case_id: _affine(c) for c in scans}
     tasks = []
     for support, query in ((scans[0], scans[1]), (scans[1], scans[0])):
         v_support, v_query = _value(support, name), _value(query, name)
         if v_support is None or v_query is None:
             continue
         copies = [load_case(c) for c in deformed_copies([support], 4, seed=seed)]
-        pool = [{"image": images[support.case_id], "label": _mask(loaded[support.case_id][1], v_support)}]
-        pool += [{"image": _image(image), "label": _mask(label, v_support)} for image, label in copies]
-        query_items = [{"image": images[query.case_id], "label": _mask(loaded[query.case_id][1], v_query)}]
+        a_support, a_query = affines[support.case_id], affines[query.case_id]
+        pool = [
+            {
+                "image": images[support.case_id],
+                "label": _mask(loaded[support.case_id][1], v_support),
+                "affine": a_support,
+            }
+        ]
+        pool += [
+            {"image": _image(image), "label": _mask(label, v_support), "affine": a_support}
+            for image, label in copies
+        ]
+        query_items = [
+            {
+                "image": images[query.case_id],
+                "label": _mask(loaded[query.case_id][1], v_query),
+                "affine": a_query,
+            }
+        ]
         direction = f"{name}_{support.case_id[-1]}_to_{query.case_id[-1]}"
         tasks.append(EvalTask(direction, "segmentation", 1, pool, query_items, original_first=True))
     return tasks

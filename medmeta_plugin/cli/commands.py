@@ -222,6 +222,12 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
         action="store_false",
         help="keep the balanced voxel sample's prior in head-mode heads (see AdaptBudget.prior_shift)",
     )
+    f.add_argument(
+        "--atlas",
+        choices=("off", "on", "both"),
+        default="off",
+        help="also score adapted methods with the registered support masks fused in (real suites)",
+    )
     f.add_argument("--out", type=Path, default=Path("results.json"))
     f.add_argument("--plot", type=Path, help="PNG of the metric against shots per method")
     f.set_defaults(func=_benchmark_fewshot)
@@ -269,6 +275,7 @@ def _benchmark_fewshot(args: argparse.Namespace) -> int:
         heads=tuple(args.heads),
         prior_shift=args.prior_shift,
         head_steps=args.head_steps,
+        atlas=args.atlas,
     )
     results = run_benchmark(config)
     write_results(results, args.out)
