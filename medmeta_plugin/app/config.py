@@ -55,6 +55,8 @@ class AppConfig:
         device: ``cuda``, ``cpu`` or ``auto`` (a GPU when there is one).
         threshold: foreground probability above which a voxel is assigned to a structure.
         score_after_adapt: refresh the active-learning scores in the background after each adaptation.
+        atlas: fuse each structure's head with its atlas prior - its labelled scans registered onto the scan
+            being segmented (:mod:`medmeta_plugin.adapt.atlas`); one rigid registration per pair of scans.
     """
 
     backbone: Path = DEFAULT_BACKBONE
@@ -70,6 +72,7 @@ class AppConfig:
     device: str = "auto"
     threshold: float = 0.5
     score_after_adapt: bool = True
+    atlas: bool = True
 
     @property
     def label_map(self) -> dict[str, int]:
@@ -189,6 +192,6 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
             if not 0.0 < threshold < 1.0:
                 raise ValueError(f"--conf threshold must be a probability in (0, 1), got {raw!r}.")
             values[key] = threshold
-        elif key == "score_after_adapt":
+        elif key in ("score_after_adapt", "atlas"):
             values[key] = _bool(key, raw)
     return AppConfig(**values)  # type: ignore[arg-type]

@@ -29,10 +29,12 @@ import numpy as np
 import torch
 
 from medmeta_plugin.adapt import AdaptReport, adapt, head_mode_budget
+from medmeta_plugin.adapt.atlas import PRIOR_CAP, fuse
 from medmeta_plugin.adapt.store import AdapterStore
 from medmeta_plugin.app.config import AppConfig
 from medmeta_plugin.app.features import FeatureCache, backbone_output
-from medmeta_plugin.app.grid import WorkingVolume, label_to_working, to_original_grid
+from medmeta_plugin.app.grid import WorkingVolume, label_to_working, load_working, to_original_grid
+from medmeta_plugin.app.priors import AtlasPriors
 from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks import (
     BackboneOutput,
@@ -142,6 +144,11 @@ class Engine:
         self.device = _resolve_device(config.device)
         self._lock = threading.RLock()
         self._features = FeatureCache(config, self.device)
+        self._atlas = AtlasPriors(
+            lambda path: load_working(path, config.spacing, self.divisor, config.max_voxels),
+            lambda: self.divisor,
+        )
+        self._atlas_examples: dict[tuple[str, int], list[dict[str, Any]]] = {}
         self._loaded: dict[str, int] = {}
         self._backbone_stamp: tuple[str, int] | None = None
         self.load_backbone()
@@ -240,6 +247,36 @@ class Engine:
         """
         return self._features.get(image, self.model.backbone)
 
+    def atlas_examples(self, task: str) -> list[dict[str, Any]]:
+        """The labelled examples stored with the served adapter of a segmentation task (for its prior)."""
+        version = self._loaded.get(task)
+        if version is None:
+            return []
+        key = (task, version)
+        if key not in self._atlas_examples:
+            meta = self.served_meta(task) or {}
+            self._atlas_examples[key] = list(meta.get("atlas", []))
+        return self._atlas_examples[key]
+
+    def _segmentation_logits(
+        self, name: str, task: TaskAdapter, image: str | Path, volume: WorkingVolume, base: BackboneOutput
+    ) -> torch.Tensor:
+        """A structure's logits on the unpadded working grid, (X, Y, Z), fused with its atlas prior when
+        ``config.atlas`` is on and its labelled scans can still be read."""
+        logits = volume.crop(self._task_output(task, volume, base))[0, 0].float().cpu()
+        examples = self.atlas_examples(name) if self.config.atlas else []
+        if examples:
+            try:
+                prior, distance, own = self._atlas.prior(str(image), volume, examples)
+            except ValueError as err:
+                logger.warning("atlas prior of %r left out on %s: %s", name, image, err)
+                return logits
+            # On a scan it was labelled on, a structure is its label; elsewhere the prior joins the head.
+            logits = (
+                torch.where(prior >= 0.5, PRIOR_CAP, -PRIOR_CAP) if own else fuse(logits, prior, distance)
+            )
+        return logits
+
     def _task_output(self, task: TaskAdapter, volume: WorkingVolume, base: BackboneOutput) -> torch.Tensor:
         if task.info.mode == "head":
             return task.head(base)
@@ -257,7 +294,7 @@ class Engine:
         volume, base = self.working(image)
         chosen = self._select(self.tasks("segmentation"), tasks)
         probs = {
-            name: volume.crop(torch.sigmoid(self._task_output(task, volume, base))[0, 0]).float().cpu()
+            name: torch.sigmoid(self._segmentation_logits(name, task, image, volume, base))
             for name, task in chosen.items()
         }
         logger.debug("probabilities for %d structures in %.2f s", len(probs), time.perf_counter() - start)
@@ -394,7 +431,9 @@ class Engine:
         )
         staging = MetaModel(model.backbone)
         staging.attach(adapter)
-        extra = {"report": report.to_dict(), "examples": examples_fingerprint(examples)}
+        extra: dict[str, Any] = {"report": report.to_dict(), "examples": examples_fingerprint(examples)}
+        if kind == "segmentation":  # where the structure lies on its scans: the atlas prior at inference
+            extra["atlas"] = [{"image": ex.image, "label": ex.label, "value": ex.value} for ex in examples]
         with self._lock:
             if model is not self.model:
                 raise ValueError(f"the backbone changed while {name!r} was adapting; adapt it again.")

@@ -19,6 +19,7 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from medmeta_plugin.app.config import AppConfig
 from medmeta_plugin.app.datastore import collect_examples, stored_submission
 from medmeta_plugin.app.engine import Engine, examples_fingerprint
+from medmeta_plugin.app.priors import warm_up
 from medmeta_plugin.app.worker import AdaptationWorker
 
 __all__ = ["MedMetaRuntime"]
@@ -49,6 +50,8 @@ class MedMetaRuntime:
         """Start the worker and schedule every labelled task whose served adapter was not fitted on exactly
         its current labels (none yet on this backbone, or labels added or replaced since)."""
         self.worker.start()
+        if self.config.atlas:  # ITK's first registration loads its modules (~12 s): not on a user's request
+            threading.Thread(target=warm_up, name="medmeta-itk-warm-up", daemon=True).start()
         stale = []
         for task, entry in collect_examples(self.datastore, self.config.label_map).items():
             meta = self.engine.served_meta(task)

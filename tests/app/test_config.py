@@ -31,6 +31,7 @@ def test_defaults_serve_the_shipped_backbone() -> None:
         ({"device": "cuda:1"}, "device", "cuda:1"),
         ({"threshold": "0.3"}, "threshold", 0.3),
         ({"score_after_adapt": "off"}, "score_after_adapt", False),
+        ({"atlas": "false"}, "atlas", False),
     ],
 )
 def test_valid_values(conf: dict[str, str], field: str, expected: object) -> None:
@@ -53,6 +54,7 @@ def test_valid_values(conf: dict[str, str], field: str, expected: object) -> Non
         ({"device": "tpu"}, "device"),
         ({"threshold": "1.5"}, "threshold"),
         ({"score_after_adapt": "maybe"}, "score_after_adapt"),
+        ({"atlas": "registration"}, "atlas"),
         ({"backbone": "/no/such/file.safetensors"}, "no such file"),
     ],
 )
