@@ -15,7 +15,9 @@ carries its mask over and averages: the probability that a voxel lies in the str
   of a rigid registration between patients - the head's appearance decides; deeper inside or further
   out, the position does. (A Gaussian-blurred prior instead never outvoted the head inside structures
   thinner than three blur widths: the blur lowers the probability at their centre.)
-- The head's say depends on its agreement with the prior on the scan (the Dice of the two masks): none
+- The head's say depends on its agreement with the prior near the carried structure (the Dice of the two
+  masks where the prior's log-odds exceed ``-HEAD_LIMIT``: the only voxels whose answer the head can
+  change, so the head need not be run anywhere else, :func:`head_region`): none
   up to ``MIN_AGREEMENT`` (0.25), all of it from ``FULL_AGREEMENT`` (0.6), linear in between. A head that
   does not find the structure where the registered scans put it (another modality or contrast: a
   CT-fitted head marks nothing on the MR; on an inverted-contrast phantom it marked a look-alike, Dice
@@ -38,7 +40,7 @@ from medmeta_plugin.adapt.registration import (
     warp_to,
 )
 
-__all__ = ["AtlasCase", "RegistrationCache", "atlas_prior", "fuse", "prior_logits"]
+__all__ = ["AtlasCase", "RegistrationCache", "atlas_prior", "fuse", "head_region", "prior_logits"]
 
 # The numbers of the module docstring: the head's say (sigmoid(3) = 0.95), the prior's slope (so the head
 # decides within 6 mm of the carried boundary, a rigid registration's error between two patients) and cap,
@@ -154,16 +156,32 @@ def prior_logits(prior: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.clip(-distance / PRIOR_MM_PER_LOGIT, -PRIOR_CAP, PRIOR_CAP).astype(np.float32)
 
 
+def head_region(distance_logits: torch.Tensor) -> torch.Tensor:
+    """Where the head can change the fused answer: the carried structure and ``HEAD_LIMIT`` log-odds around
+    it (elsewhere the prior's log-odds are below ``-HEAD_LIMIT`` and the answer is background).
+
+    Args:
+        distance_logits: :func:`prior_logits`, any shape.
+
+    Returns:
+        Boolean mask of the same shape.
+    """
+    return distance_logits > -HEAD_LIMIT
+
+
 def fuse(logits: torch.Tensor, prior: torch.Tensor, distance_logits: torch.Tensor) -> torch.Tensor:
     """Combine a structure's head logits with its atlas prior on one scan (see the module docstring).
 
+    The result depends on ``logits`` only inside :func:`head_region`, so a caller may pass the voxels of
+    that region alone (any shape, as long as the three tensors agree).
+
     Args:
-        logits: head logits, shape (X, Y, Z).
-        prior: prior probabilities (:func:`atlas_prior`), shape (X, Y, Z).
-        distance_logits: :func:`prior_logits` of ``prior``, shape (X, Y, Z).
+        logits: head logits, shape (X, Y, Z) or (N,).
+        prior: prior probabilities (:func:`atlas_prior`), the same shape.
+        distance_logits: :func:`prior_logits` of ``prior``, the same shape.
 
     Returns:
-        Fused logits, shape (X, Y, Z).
+        Fused logits, the same shape.
 
     Raises:
         ValueError: if the shapes differ.
@@ -174,7 +192,8 @@ def fuse(logits: torch.Tensor, prior: torch.Tensor, distance_logits: torch.Tenso
             f"{tuple(prior.shape)} and {tuple(distance_logits.shape)}."
         )
     prior, distance_logits = prior.to(logits), distance_logits.to(logits)
-    head, carried = logits > 0, prior >= 0.5
+    region = head_region(distance_logits)
+    head, carried = (logits > 0) & region, prior >= 0.5
     overlap = 2 * (head & carried).sum() / (head.sum() + carried.sum()).clamp(min=1)
     weight = (overlap - MIN_AGREEMENT) / (FULL_AGREEMENT - MIN_AGREEMENT)
     limit = HEAD_LIMIT * float(weight.clamp(0.0, 1.0))

@@ -172,7 +172,8 @@ def register_rigid(
         :class:`RigidRegistration` (fixed-world -> moving-world matrix, metric, seconds).
 
     Raises:
-        ValueError: if an array is not 3D, holds NaN/inf, or an affine is not an invertible 4x4 matrix.
+        ValueError: if an array is not 3D, holds NaN/inf, or an affine is not an invertible 4x4 matrix, or
+            the registration fails from every start (scans that do not overlap).
     """
     fixed, fixed_affine = _check_volume(fixed, fixed_affine, "fixed")
     moving, moving_affine = _check_volume(moving, moving_affine, "moving")
@@ -195,11 +196,21 @@ def register_rigid(
         transform.SetCenter([float(c) for c in _LPS[:3, :3] @ centre_f[:3]])
         translation = centre_m[:3] - centre_f[:3] + np.array([0.0, 0.0, dz])
         transform.SetTranslation([float(t) for t in _LPS[:3, :3] @ translation])
-        value = _run(*coarse, transform, iterations)
+        try:
+            value = _run(*coarse, transform, iterations)
+        except RuntimeError:  # ITK: this start leaves too little overlap between the scans
+            continue
         if best is None or value < best[0]:
             best = (value, transform)
-    assert best is not None  # offsets always holds 0
-    value = _run(*fine, best[1], iterations)
+    if best is None:
+        raise ValueError(
+            f"registration failed from every start: the scans ({fixed.shape} and {moving.shape} voxels) "
+            "do not overlap enough once their centres are aligned."
+        )
+    try:
+        value = _run(*fine, best[1], iterations)
+    except RuntimeError as err:
+        raise ValueError(f"registration failed at the finer level: {err}") from err
     return RigidRegistration(_matrix(best[1]), value, time.perf_counter() - start)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from medmeta_plugin.adapt import AdaptReport, adapt, head_mode_budget
-from medmeta_plugin.adapt.atlas import PRIOR_CAP, fuse
+from medmeta_plugin.adapt.atlas import PRIOR_CAP, fuse, head_region
 from medmeta_plugin.adapt.store import AdapterStore
 from medmeta_plugin.app.config import AppConfig
 from medmeta_plugin.app.features import FeatureCache, backbone_output
@@ -262,20 +262,45 @@ class Engine:
         self, name: str, task: TaskAdapter, image: str | Path, volume: WorkingVolume, base: BackboneOutput
     ) -> torch.Tensor:
         """A structure's logits on the unpadded working grid, (X, Y, Z), fused with its atlas prior when
-        ``config.atlas`` is on and its labelled scans can still be read."""
-        logits = volume.crop(self._task_output(task, volume, base))[0, 0].float().cpu()
+        ``config.atlas`` is on and its labelled scans can still be read.
+
+        With a prior, a head-mode head runs only where it can change the answer (:func:`head_region`: the
+        carried structure and 6 mm around it), not on the whole scan.
+        """
         examples = self.atlas_examples(name) if self.config.atlas else []
+        prior = None
         if examples:
             try:
                 prior, distance, own = self._atlas.prior(str(image), volume, examples)
             except ValueError as err:
                 logger.warning("atlas prior of %r left out on %s: %s", name, image, err)
-                return logits
-            # On a scan it was labelled on, a structure is its label; elsewhere the prior joins the head.
-            logits = (
-                torch.where(prior >= 0.5, PRIOR_CAP, -PRIOR_CAP) if own else fuse(logits, prior, distance)
-            )
-        return logits
+        if prior is None:
+            return volume.crop(self._task_output(task, volume, base))[0, 0].float().cpu()
+        if own:  # on a scan it was labelled on, a structure is its label
+            return torch.where(prior >= 0.5, PRIOR_CAP, -PRIOR_CAP)
+        region = head_region(distance)
+        if task.info.mode == "head":
+            logits = self._head_on(task, volume, base, region)
+        else:
+            logits = volume.crop(self._task_output(task, volume, base))[0, 0].float().cpu()[region]
+        out = distance.clone()
+        out[region] = fuse(logits, prior[region], distance[region])
+        return out
+
+    def _head_on(
+        self, task: TaskAdapter, volume: WorkingVolume, base: BackboneOutput, region: torch.Tensor
+    ) -> torch.Tensor:
+        """A head-mode head's logits on the voxels of ``region`` (X, Y, Z) only, shape (N,)."""
+        x, y, z = volume.shape
+        index = region.nonzero(as_tuple=True)
+
+        def voxels(tensor: torch.Tensor) -> torch.Tensor:  # (1, C, X', Y', Z') -> (1, C, N, 1, 1)
+            picked = tensor[0, :, :x, :y, :z][(slice(None), *index)]
+            return picked.view(1, tensor.shape[1], -1, 1, 1)
+
+        position = None if base.position is None else voxels(base.position)
+        out = BackboneOutput(voxels(base.features), base.embedding, position)
+        return task.head(out).view(-1).float().cpu()
 
     def _task_output(self, task: TaskAdapter, volume: WorkingVolume, base: BackboneOutput) -> torch.Tensor:
         if task.info.mode == "head":

@@ -10,9 +10,10 @@ Methods:
 
 All adaptation goes through :func:`medmeta_plugin.adapt.adapt`, with the head initialised in closed form
 from the support set (except ``scratch``), on whole support volumes padded to the backbone's size divisor.
-With ``atlas="on"`` (or ``"both"``) every adapted method's query logits on a real suite are also fused with
-that atlas prior (:func:`~medmeta_plugin.adapt.atlas.fuse`), recorded as ``<method>+atlas``; registrations
-are computed once per pair of scans and their seconds counted in every record that uses them.
+With ``atlas="on"`` or ``"both"`` (the default: the app fuses, so the benchmark shows it with and without)
+every adapted method's query logits on a real suite are also fused with that atlas prior
+(:func:`~medmeta_plugin.adapt.atlas.fuse`), recorded as ``<method>+atlas``; registrations are computed
+once per pair of scans and their seconds counted in every record that uses them.
 Segmentation is scored by Dice on whole query volumes, classification by accuracy, regression by mean
 absolute error.
 
@@ -121,7 +122,7 @@ class BenchmarkConfig:
     voxel_sample: str = AdaptBudget.voxel_sample
     heads: tuple[str, ...] = (DEFAULT_SEGMENTATION_HEAD,)
     prior_shift: bool = True
-    atlas: str = "off"
+    atlas: str = "both"
 
     def __post_init__(self) -> None:
         look_up_option(self.voxel_sample, VOXEL_SAMPLES)

@@ -225,8 +225,8 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument(
         "--atlas",
         choices=("off", "on", "both"),
-        default="off",
-        help="also score adapted methods with the registered support masks fused in (real suites)",
+        default="both",
+        help="score adapted methods without/with the registered support masks fused in (real suites)",
     )
     f.add_argument("--out", type=Path, default=Path("results.json"))
     f.add_argument("--plot", type=Path, help="PNG of the metric against shots per method")

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from medmeta_plugin.adapt.atlas import fuse, head_region
 from medmeta_plugin.app.config import parse_conf
 from medmeta_plugin.app.engine import Engine, Example
 from medmeta_plugin.io import read_image, write_image
@@ -184,3 +186,19 @@ def test_a_deleted_label_file_leaves_the_head_serving(engine: Engine, studies: d
     label.unlink()
     result = engine.segment(studies["studies"] / "b.nii.gz")
     assert result.names == {"ball": 1} and result.labels.shape[1:] == (24, 24, 24)
+
+
+def test_head_run_near_the_prior_only_gives_the_whole_volume_answer(engine: Engine, studies: dict) -> None:
+    # With a prior, a head-mode head runs only where it can change the answer; fusing its whole-volume
+    # logits must give the same answer everywhere and the same probabilities where the head has a say.
+    image_a, image_c = str(studies["studies"] / "a.nii.gz"), str(studies["studies"] / "c.nii.gz")
+    engine.adapt_task("ball", "segmentation", [Example(image_a, str(studies["a"]), 1)])
+    volume, probs = engine.probabilities(image_c)
+    prior, distance, own = engine._atlas.prior(image_c, volume, engine.atlas_examples("ball"))
+    _, base = engine.working(image_c)
+    whole = volume.crop(engine._task_output(engine.tasks()["ball"], volume, base))[0, 0]
+    expected = torch.sigmoid(fuse(whole.float(), prior, distance))
+    assert not own and head_region(distance).float().mean() < 0.9, "the region is not the whole scan"
+    region = head_region(distance)
+    torch.testing.assert_close(probs["ball"][region], expected[region], rtol=0, atol=1e-5)
+    assert torch.equal(probs["ball"] > 0.5, expected > 0.5)

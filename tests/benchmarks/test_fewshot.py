@@ -131,6 +131,7 @@ def test_abdomen_benchmark_adapts_and_scores_on_whole_volumes(
         head_steps=2,
         steps=1,
         voxel_sample="stratified",
+        atlas="off",
     )
     records = run_benchmark(config, device="cpu")["records"]
     divisor = load_backbone(backbones[0]).size_divisor
@@ -259,6 +260,7 @@ def test_support_draws_are_seeded_and_distinct() -> None:
         (lambda: build_suite("synthetic-heldot"), "synthetic-heldout"),
         (lambda: parse_methods(["meta+lorra"]), "meta\\+lora"),
         (lambda: BenchmarkConfig(suite="synthetic-heldout", voxel_sample="balance"), "balanced"),
+        (lambda: BenchmarkConfig(suite="synthetic-heldout", atlas="yes"), "both"),
         (
             lambda: run_benchmark(BenchmarkConfig(suite="synthetic-heldout", methods=("nope",))),
             "unknown methods",
