@@ -67,8 +67,8 @@ class AtlasPriors:
     """Atlas priors of adapted structures on working grids.
 
     Args:
-        working: maps an image path to its :class:`~medmeta_plugin.app.grid.WorkingVolume` (the engine's
-            cached loader, so a scan is read and resampled once).
+        working: reads an image path onto the working grid (:func:`~medmeta_plugin.app.grid.load_working`);
+            the result is kept in a small LRU cache here, so a labelled scan is read and resampled once.
         divisor: the backbone's size divisor (working label maps are padded like the images).
     """
 
