@@ -21,11 +21,25 @@ from medmeta_plugin.app.grid import WorkingVolume, load_working
 from medmeta_plugin.networks import Backbone3D, BackboneOutput, FullAdapter, TaskAdapter
 from medmeta_plugin.networks.position import body_position
 
-__all__ = ["CACHE_ENTRIES", "FeatureCache", "backbone_output"]
+__all__ = ["CACHE_ENTRIES", "FeatureCache", "backbone_output", "file_key"]
 
 # Scans whose features stay cached: the one being labelled, the one being inferred, and a couple more. At
 # 128^3, one entry is 8 MB per feature channel: 130 MB with 16 channels, 400 MB with 48 (two levels).
 CACHE_ENTRIES = 4
+
+
+def file_key(path: str | Path) -> tuple[str, int, int]:
+    """A file's identity and version, as the caches key it: real path, modification time, size.
+
+    Raises:
+        ValueError: if the file cannot be read.
+    """
+    real = os.path.realpath(path)
+    try:
+        stat = os.stat(real)
+    except OSError as err:
+        raise ValueError(f"file {path}: cannot be read ({err.strerror}).") from err
+    return (real, stat.st_mtime_ns, stat.st_size)
 
 
 def backbone_output(
@@ -82,12 +96,8 @@ class FeatureCache:
         Raises:
             ValueError: if the scan cannot be read or is too large.
         """
-        path = os.path.realpath(image)
-        try:
-            stat = os.stat(path)
-        except OSError as err:
-            raise ValueError(f"image {image}: cannot be read ({err.strerror}).") from err
-        key = (path, stat.st_mtime_ns, stat.st_size, id(backbone))
+        key = (*file_key(image), id(backbone))
+        path = key[0]
         while True:
             with self._lock:
                 if key in self._entries:

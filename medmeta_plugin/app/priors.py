@@ -12,11 +12,9 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,26 +22,13 @@ import torch
 
 from medmeta_plugin.adapt.atlas import AtlasCase, RegistrationCache, atlas_prior, prior_logits
 from medmeta_plugin.adapt.registration import register_rigid
+from medmeta_plugin.app.features import file_key
 from medmeta_plugin.app.grid import WorkingVolume, label_to_working
 
-__all__ = ["AtlasPriors", "file_key", "warm_up"]
+__all__ = ["AtlasPriors", "warm_up"]
 
 # Labelled scans and label maps kept on the working grid: a session labels a handful of scans at a time.
 CACHED_SCANS = 8
-
-
-def file_key(path: str | Path) -> tuple[str, int, int]:
-    """A file's identity and version: real path, modification time, size.
-
-    Raises:
-        ValueError: if the file cannot be read.
-    """
-    real = os.path.realpath(path)
-    try:
-        stat = os.stat(real)
-    except OSError as err:
-        raise ValueError(f"{path}: cannot be read ({err.strerror}).") from err
-    return (real, stat.st_mtime_ns, stat.st_size)
 
 
 class _Lru:
@@ -63,6 +48,11 @@ class _Lru:
         return value
 
 
+def _array(volume: WorkingVolume) -> np.ndarray:
+    """The working-grid image without padding, shape (X, Y, Z) (a view, not a copy, on a CPU)."""
+    return volume.crop(volume.image)[0, 0].float().cpu().numpy()
+
+
 class AtlasPriors:
     """Atlas priors of adapted structures on working grids.
 
@@ -78,17 +68,12 @@ class AtlasPriors:
         self._scans = _Lru(CACHED_SCANS)
         self._labels = _Lru(CACHED_SCANS)
 
-    def _scan(self, path: str) -> tuple[np.ndarray, np.ndarray, WorkingVolume]:
-        def load() -> tuple[np.ndarray, np.ndarray, WorkingVolume]:
-            volume = self.working(path)
-            image = volume.crop(volume.image)[0, 0].float().cpu().numpy()
-            return image, volume.working.affine, volume
-
-        return self._scans.get(file_key(path), load)
+    def _scan(self, path: str) -> WorkingVolume:
+        return self._scans.get(file_key(path), lambda: self.working(path))
 
     def _label(self, path: str, image: str) -> np.ndarray:
         def load() -> np.ndarray:
-            _, _, volume = self._scan(image)
+            volume = self._scan(image)
             x, y, z = volume.shape
             return label_to_working(path, volume, self.divisor())[:x, :y, :z]
 
@@ -116,22 +101,22 @@ class AtlasPriors:
         own = []
         for ex in examples:
             try:
+                key = file_key(ex["image"])
+                support = self._scan(ex["image"])
                 mask = (self._label(ex["label"], ex["image"]) == int(ex["value"])).astype(np.float32)
-                image, affine, _ = self._scan(ex["image"])
             except (OSError, ValueError, KeyError):
                 continue  # a deleted or replaced file: the other examples still say where the structure is
-            if file_key(ex["image"]) == query_key:
+            if key == query_key:
                 own.append(torch.from_numpy(mask))
             else:
-                cases.append(AtlasCase(file_key(ex["image"]), image, affine, mask))
+                cases.append(AtlasCase(key, _array(support), support.working.affine, mask))
         if not cases and not own:
             raise ValueError(f"none of the labelled scans of this structure can be read: {list(examples)}.")
         affine = volume.working.affine
         if own:  # the scan's own label says more than any registered one
             prior = torch.stack(own).mean(0).numpy()
         else:
-            query_image = volume.crop(volume.image)[0, 0].float().cpu().numpy()
-            prior = atlas_prior(query_key, query_image, affine, cases, self.registrations)
+            prior = atlas_prior(query_key, _array(volume), affine, cases, self.registrations)
         return torch.from_numpy(prior), torch.from_numpy(prior_logits(prior, affine)), bool(own)
 
 
@@ -141,9 +126,8 @@ def warm_up() -> None:
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(24, 24, 24)).astype(np.float32)
     volume[6:18, 6:18, 6:18] += 3.0
-    result = register_rigid(volume, np.eye(4), volume, np.eye(4), iterations=2)
+    register_rigid(volume, np.eye(4), volume, np.eye(4), iterations=2)
     prior = atlas_prior(
         "warm-up", volume, np.eye(4), [AtlasCase("warm-up-support", volume, np.eye(4), volume > 1)]
     )
     prior_logits(prior, np.eye(4))
-    del result
