@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -229,6 +229,17 @@ def _voxel_sample(masks: torch.Tensor, n: int, how: str) -> tuple[torch.Tensor, 
     return torch.stack(index), weights
 
 
+class _VoxelSample(NamedTuple):
+    """Head-mode voxels of some support cases, channel-last so that a step's subset is one
+    ``index_select`` of whole rows: ``features`` (k, n, C), ``position`` (k, n, P) or None, ``masks``
+    (k, n, 1) and loss ``weight`` (k, n, 1) or None."""
+
+    features: torch.Tensor
+    position: torch.Tensor | None
+    masks: torch.Tensor
+    weight: torch.Tensor | None
+
+
 class _Fitter:
     """Fits fresh task adapters on subsets of one support batch, sharing the cached base features."""
 
@@ -247,7 +258,10 @@ class _Fitter:
                 base = model.backbone(images)  # identity-adapter features: head init and head-mode cache
         if base.position is None:
             base = base._replace(position=body_position(images))
-        self.base = base
+        # Channel-last in memory: heads then apply their per-voxel layers as matmuls, not 1x1x1 convolutions
+        channel_last = {"memory_format": torch.channels_last_3d}
+        position = None if base.position is None else base.position.contiguous(**channel_last)
+        self.base = base._replace(features=base.features.contiguous(**channel_last), position=position)
         self.sample: tuple[BackboneOutput, torch.Tensor, torch.Tensor | None] | None = None
         n_vox = images[0, 0].numel()
         if info.mode == "head" and info.kind == "segmentation" and n_vox > HEAD_VOXELS:
@@ -276,21 +290,40 @@ class _Fitter:
                 layer.bias.copy_(head["bias"])
         return task
 
-    def training_loss(self, task: TaskAdapter, idx: list[int]) -> torch.Tensor:
-        """Loss of a fitting step (on the voxel sample in head-mode segmentation)."""
-        if self.sample is not None:
-            out, masks, weight = self.sample
-            out, masks = out.take(idx), masks[idx]
-            weight = None if weight is None else weight[idx]
-            n = masks.shape[2]
-            if 0 < self.budget.step_voxels < n:  # a fresh subset of the sample, the same for every case
-                pick = torch.randint(n, (self.budget.step_voxels,), device=masks.device)
-                position = None if out.position is None else out.position[:, :, pick]
-                out = BackboneOutput(out.features[:, :, pick], out.embedding, position)
-                masks = masks[:, :, pick]
-                weight = None if weight is None else weight[:, :, pick]
-            return task_loss(self.info.kind, task.head(out), masks, weight)
-        return task_loss(self.info.kind, self.forward(task, idx), self.targets[idx])
+    def voxel_sample(self, idx: list[int]) -> _VoxelSample | None:
+        """The head-mode voxel sample of cases ``idx``, selected once per fit (None outside head mode)."""
+        if self.sample is None:
+            return None
+        out, masks, weight = self.sample
+        out = out.take(idx)
+
+        def rows(x: torch.Tensor) -> torch.Tensor:  # (k, C, n, 1, 1) -> (k, n, C), contiguous
+            return x.flatten(2).transpose(1, 2).contiguous()
+
+        return _VoxelSample(
+            features=rows(out.features),
+            position=None if out.position is None else rows(out.position),
+            masks=rows(masks[idx]),
+            weight=None if weight is None else rows(weight[idx]),
+        )
+
+    def training_loss(self, task: TaskAdapter, idx: list[int], sample: _VoxelSample | None) -> torch.Tensor:
+        """Loss of a fitting step: on ``sample`` (:meth:`voxel_sample` of ``idx``) where there is one."""
+        if sample is None:
+            return task_loss(self.info.kind, self.forward(task, idx), self.targets[idx])
+        n = sample.masks.shape[1]
+        pick = None
+        if 0 < self.budget.step_voxels < n:  # a fresh subset of the sample, the same for every case
+            pick = torch.randint(n, (self.budget.step_voxels,), device=sample.masks.device)
+
+        def voxels(x: torch.Tensor | None) -> torch.Tensor | None:  # (k, n, C) -> (k, C, n', 1, 1), a view
+            if x is None:
+                return None
+            picked = x if pick is None else x.index_select(1, pick)
+            return picked.movedim(-1, 1)[..., None, None]
+
+        out = BackboneOutput(voxels(sample.features), self.base.embedding[idx], voxels(sample.position))
+        return task_loss(self.info.kind, task.head(out), voxels(sample.masks), voxels(sample.weight))
 
     def prior_shift(self, idx: list[int]) -> float:
         """Logit shift from the ``balanced`` voxel sample's foreground fraction to that of the volumes.
@@ -325,6 +358,7 @@ class _Fitter:
         shift = self.prior_shift(idx)
         scores: list[float] = []
         loss = torch.zeros(())
+        sample = self.voxel_sample(idx)
         for step in range(steps + 1):
             if held_out is not None and step % self.budget.eval_every == 0:
                 with torch.no_grad():
@@ -332,7 +366,7 @@ class _Fitter:
                 scores.append(task_score(self.info.kind, out, self.targets[held_out]))
             if step == steps:
                 break
-            loss = self.training_loss(task, idx)
+            loss = self.training_loss(task, idx, sample)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for p, g in zip(params, grads):
                 p.grad = g

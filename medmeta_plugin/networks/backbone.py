@@ -107,7 +107,12 @@ class BackboneOutput(NamedTuple):
     position: torch.Tensor | None = None
 
     def take(self, index: list[int] | slice) -> BackboneOutput:
-        """The output of some cases of the batch (every tensor indexed along its batch axis)."""
+        """The output of some cases of the batch (every tensor indexed along its batch axis).
+
+        Consecutive indices are taken as a slice: a view, not a copy of the cases' features.
+        """
+        if isinstance(index, list) and index and index == list(range(index[0], index[-1] + 1)):
+            index = slice(index[0], index[-1] + 1)
         position = None if self.position is None else self.position[index]
         return BackboneOutput(self.features[index], self.embedding[index], position)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from monai.utils import look_up_option
 from torch import nn
+from torch.nn import functional as F
 
 from medmeta_plugin.networks.backbone import BackboneOutput
 from medmeta_plugin.networks.position import POSITION_CHANNELS
@@ -71,23 +72,40 @@ class SegmentationHead(nn.Module):
         Raises:
             ValueError: for a ``position`` head given an output without positions.
         """
-        logits = self.conv(out.features)
+        logits = self._linear(out.features)
         if self.mlp is None:
             return logits
         if out.position is None:
             raise ValueError("a 'position' segmentation head needs BackboneOutput.position; got None.")
-        inputs = torch.cat([out.features, out.position.to(out.features.dtype)], dim=1)
-        voxels_per_x = inputs[0, 0, 0].numel() * inputs.shape[0]
+        features, position = out.features, out.position.to(out.features.dtype)
+        voxels_per_x = features[0, 0, 0].numel() * features.shape[0]
         step = max(1, _SLAB_VOXELS // voxels_per_x)
         mlp = self.mlp
 
-        def per_voxel(x: torch.Tensor) -> torch.Tensor:  # (B, C + P, X', Y, Z) -> (B, 1, X', Y, Z)
-            return mlp(x.movedim(1, -1)).movedim(-1, 1)
+        first, channels = mlp[0], features.shape[1]
 
-        if torch.is_grad_enabled() or step >= inputs.shape[2]:
-            return logits + per_voxel(inputs)
-        slabs = [per_voxel(inputs[:, :, i : i + step]) for i in range(0, inputs.shape[2], step)]
+        def per_voxel(f: torch.Tensor, p: torch.Tensor) -> torch.Tensor:  # (B, C|P, X', Y, Z) -> (B, 1, ...)
+            # mlp(cat([f, p])) with the first layer split by input, sparing the copy of a concatenation
+            hidden = F.linear(f.movedim(1, -1), first.weight[:, :channels])
+            hidden = hidden + F.linear(p.movedim(1, -1), first.weight[:, channels:], first.bias)
+            return mlp[2](mlp[1](hidden)).movedim(-1, 1)
+
+        if torch.is_grad_enabled() or step >= features.shape[2]:
+            return logits + per_voxel(features, position)
+        slabs = [
+            per_voxel(features[:, :, i : i + step], position[:, :, i : i + step])
+            for i in range(0, features.shape[2], step)
+        ]
         return logits + torch.cat(slabs, dim=2)
+
+    def _linear(self, features: torch.Tensor) -> torch.Tensor:
+        """The 1x1x1 convolution; as a matmul where the features are channel-last in memory (the voxel
+        samples adaptation fits on), several times faster there on a CPU than ``conv3d``."""
+        channel_last = features.movedim(1, -1)
+        if not channel_last.is_contiguous():
+            return self.conv(features)
+        weight = self.conv.weight.flatten(1)  # (1, C)
+        return F.linear(channel_last, weight, self.conv.bias).movedim(-1, 1)
 
 
 class ClassificationHead(nn.Module):

@@ -69,6 +69,46 @@ def test_large_volumes_pass_the_mlp_in_slabs_with_the_same_result(monkeypatch: p
         torch.testing.assert_close(head(out), whole)
 
 
+@pytest.mark.parametrize("kind", ["linear", "position"])
+def test_channel_last_features_give_the_same_logits_and_gradients(kind: str) -> None:
+    """Adaptation keeps features channel-last so heads run as matmuls; the answer must not depend on it."""
+    torch.manual_seed(0)
+    head = SegmentationHead(5, kind)
+    if head.mlp is not None:
+        torch.nn.init.normal_(head.mlp[2].weight)
+    features, position = torch.randn(2, 5, 6, 4, 3), torch.randn(2, POSITION_CHANNELS, 6, 4, 3)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        head.zero_grad()
+        out = BackboneOutput(
+            features.contiguous(memory_format=layout),
+            torch.zeros(2, 4),
+            position.contiguous(memory_format=layout),
+        )
+        logits = head(out)
+        logits.square().sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in head.parameters()]))
+    (plain, plain_grads), (last, last_grads) = results
+    with torch.no_grad():  # the head's definition: a 1x1x1 convolution (+ an MLP of features and position)
+        reference = head.conv(features)
+        if head.mlp is not None:
+            reference += head.mlp(torch.cat([features, position], 1).movedim(1, -1)).movedim(-1, 1)
+    torch.testing.assert_close(plain, reference)
+    torch.testing.assert_close(last, plain)
+    for a, b in zip(last_grads, plain_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_take_of_consecutive_cases_is_a_view_and_of_others_a_copy() -> None:
+    out = BackboneOutput(torch.randn(4, 2, 3, 3, 3), torch.randn(4, 5), torch.randn(4, 3, 3, 3, 3))
+    view, copy = out.take([1, 2]), out.take([0, 2])
+    assert view.features.data_ptr() == out.features[1].data_ptr()
+    torch.testing.assert_close(view.features, out.features[1:3])
+    torch.testing.assert_close(view.position, out.position[1:3])
+    torch.testing.assert_close(copy.features, out.features[[0, 2]])
+    torch.testing.assert_close(copy.embedding, out.embedding[[0, 2]])
+
+
 def _mirror_cases(n: int, seed: int, size: int = 16) -> list[dict[str, torch.Tensor]]:
     """Two identical bright blobs, left and right of the body centre; only the left one is labelled."""
     gen = torch.Generator().manual_seed(seed)
