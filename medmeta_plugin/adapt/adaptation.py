@@ -258,10 +258,7 @@ class _Fitter:
                 base = model.backbone(images)  # identity-adapter features: head init and head-mode cache
         if base.position is None:
             base = base._replace(position=body_position(images))
-        # Channel-last in memory: heads then apply their per-voxel layers as matmuls, not 1x1x1 convolutions
-        channel_last = {"memory_format": torch.channels_last_3d}
-        position = None if base.position is None else base.position.contiguous(**channel_last)
-        self.base = base._replace(features=base.features.contiguous(**channel_last), position=position)
+        self.base = base.channel_last()  # no copy where the caller's cache keeps them so (the app's does)
         self.sample: tuple[BackboneOutput, torch.Tensor, torch.Tensor | None] | None = None
         n_vox = images[0, 0].numel()
         if info.mode == "head" and info.kind == "segmentation" and n_vox > HEAD_VOXELS:

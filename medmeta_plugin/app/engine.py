@@ -295,8 +295,8 @@ class Engine:
         index = region.nonzero(as_tuple=True)
 
         def voxels(tensor: torch.Tensor) -> torch.Tensor:  # (1, C, X', Y', Z') -> (1, C, N, 1, 1)
-            picked = tensor[0, :, :x, :y, :z][(slice(None), *index)]
-            return picked.view(1, tensor.shape[1], -1, 1, 1)
+            picked = tensor[0, :, :x, :y, :z].movedim(0, -1)[index]  # (N, C): rows, channel-last
+            return picked.movedim(-1, 0)[None, :, :, None, None]
 
         position = None if base.position is None else voxels(base.position)
         out = BackboneOutput(voxels(base.features), base.embedding, position)

@@ -115,6 +115,7 @@ class FeatureCache:
             volume = load_working(path, self.config.spacing, backbone.size_divisor, self.config.max_voxels)
             with torch.no_grad():
                 base = backbone_output(backbone, volume.image.to(self.device), None, self.config)
+                base = base.channel_last()  # what heads and adaptation read fastest
             with self._lock:
                 self._entries[key] = (volume, base)
                 while len(self._entries) > CACHE_ENTRIES:

@@ -169,7 +169,7 @@ class _FeatureCache:
         if key not in self.entries:
             start = time.perf_counter()
             device = next(backbone.parameters()).device
-            out = backbone(_pad(image, self.divisor)[None].to(device))
+            out = backbone(_pad(image, self.divisor)[None].to(device)).channel_last()  # as the app's cache
             self.entries[key] = (image, out, time.perf_counter() - start)
         _, out, seconds = self.entries[key]
         return out, seconds

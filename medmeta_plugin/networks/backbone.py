@@ -116,6 +116,14 @@ class BackboneOutput(NamedTuple):
         position = None if self.position is None else self.position[index]
         return BackboneOutput(self.features[index], self.embedding[index], position)
 
+    def channel_last(self) -> BackboneOutput:
+        """The same output with features and positions channel-last in memory (shapes unchanged; a copy
+        unless they already are). Heads apply their per-voxel layers to such features as matmuls, several
+        times faster on a CPU than 1x1x1 convolutions; caches of features keep them so."""
+        layout = {"memory_format": torch.channels_last_3d}
+        position = None if self.position is None else self.position.contiguous(**layout)
+        return BackboneOutput(self.features.contiguous(**layout), self.embedding, position)
+
     @staticmethod
     def cat(outputs: list[BackboneOutput]) -> BackboneOutput:
         """Concatenate outputs of equal spatial size along the batch axis (positions if all have them)."""

@@ -109,6 +109,19 @@ def test_take_of_consecutive_cases_is_a_view_and_of_others_a_copy() -> None:
     torch.testing.assert_close(copy.embedding, out.embedding[[0, 2]])
 
 
+def test_channel_last_output_keeps_shapes_and_values_and_copies_only_once() -> None:
+    out = BackboneOutput(torch.randn(2, 3, 4, 5, 6), torch.randn(2, 5), torch.randn(2, 3, 4, 5, 6))
+    last = out.channel_last()
+    layout = torch.channels_last_3d
+    assert last.features.is_contiguous(memory_format=layout)
+    assert last.position.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(last.features, out.features)
+    torch.testing.assert_close(last.position, out.position)
+    again = last.channel_last()
+    assert again.features.data_ptr() == last.features.data_ptr()
+    assert BackboneOutput(out.features, out.embedding).channel_last().position is None
+
+
 def _mirror_cases(n: int, seed: int, size: int = 16) -> list[dict[str, torch.Tensor]]:
     """Two identical bright blobs, left and right of the body centre; only the left one is labelled."""
     gen = torch.Generator().manual_seed(seed)
