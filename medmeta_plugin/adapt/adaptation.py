@@ -256,24 +256,29 @@ class _Fitter:
         if base is None:
             with torch.no_grad():
                 base = model.backbone(images)  # identity-adapter features: head init and head-mode cache
-        if base.position is None:
+        if info.mode == "head" and info.kind != "segmentation":
+            # Volume-level heads read only the pooled embedding: keep no voxel features, which every step's
+            # take() of a leave-one-out fold would otherwise copy whole.
+            base = BackboneOutput(base.features.new_zeros(len(images), 0, 1, 1, 1), base.embedding)
+        elif base.position is None:
             base = base._replace(position=body_position(images))
         self.base = base.channel_last()  # no copy where the caller's cache keeps them so (the app's does)
-        self.sample: tuple[BackboneOutput, torch.Tensor, torch.Tensor | None] | None = None
+        self.sample: _VoxelSample | None = None
         n_vox = images[0, 0].numel()
         if info.mode == "head" and info.kind == "segmentation" and n_vox > HEAD_VOXELS:
             index, weight = _voxel_sample(targets, HEAD_VOXELS, budget.voxel_sample)
 
-            def gather(volumes: torch.Tensor) -> torch.Tensor:  # (k, C, X, Y, Z) -> (k, C, n, 1, 1)
+            def rows(volumes: torch.Tensor) -> torch.Tensor:  # (k, C, X, Y, Z) -> (k, n, C), contiguous
                 k, c = volumes.shape[:2]
-                picked = torch.gather(volumes.reshape(k, c, -1), 2, index[:, None].expand(k, c, -1))
-                return picked.view(k, c, -1, 1, 1)
+                flat = volumes.movedim(1, -1).reshape(k, -1, c)  # a view of channel-last memory
+                return torch.gather(flat, 1, index[:, :, None].expand(k, -1, c))
 
             position = self.base.position
-            self.sample = (
-                BackboneOutput(gather(self.base.features), self.base.embedding, gather(position)),
-                gather(targets),
-                weight,
+            self.sample = _VoxelSample(
+                features=rows(self.base.features),
+                position=None if position is None else rows(position),
+                masks=rows(targets),
+                weight=None if weight is None else weight.reshape(len(targets), -1, 1),
             )
 
     def new_task(self, idx: list[int]) -> TaskAdapter:
@@ -291,17 +296,12 @@ class _Fitter:
         """The head-mode voxel sample of cases ``idx``, selected once per fit (None outside head mode)."""
         if self.sample is None:
             return None
-        out, masks, weight = self.sample
-        out = out.take(idx)
-
-        def rows(x: torch.Tensor) -> torch.Tensor:  # (k, C, n, 1, 1) -> (k, n, C), contiguous
-            return x.flatten(2).transpose(1, 2).contiguous()
-
+        position, weight = self.sample.position, self.sample.weight
         return _VoxelSample(
-            features=rows(out.features),
-            position=None if out.position is None else rows(out.position),
-            masks=rows(masks[idx]),
-            weight=None if weight is None else rows(weight[idx]),
+            features=self.sample.features[idx],
+            position=None if position is None else position[idx],
+            masks=self.sample.masks[idx],
+            weight=None if weight is None else weight[idx],
         )
 
     def training_loss(self, task: TaskAdapter, idx: list[int], sample: _VoxelSample | None) -> torch.Tensor:
@@ -333,7 +333,7 @@ class _Fitter:
         if self.sample is None or self.budget.voxel_sample != "balanced" or not self.budget.prior_shift:
             return 0.0
         whole = float(self.targets[idx].mean())
-        sampled = float(self.sample[1][idx].mean())
+        sampled = float(self.sample.masks[idx].mean())
         if not (0.0 < whole < 1.0 and 0.0 < sampled < 1.0):
             return 0.0
         return math.log(whole / (1 - whole)) - math.log(sampled / (1 - sampled))
