@@ -131,10 +131,11 @@ class BenchmarkConfig:
             look_up_option(head, SEGMENTATION_HEADS)
 
 
-def _pad(array: torch.Tensor, divisor: int) -> torch.Tensor:
+def _pad(array: torch.Tensor, divisor: int, value: float = 0.0) -> torch.Tensor:
+    """``array`` (C, X, Y, Z) padded with ``value`` to multiples of ``divisor``."""
     # A plain tensor, not MONAI's MetaTensor: its metadata tracking costs on every operation, and head-mode
     # adaptation runs many small ones.
-    return torch.as_tensor(DivisiblePad(k=divisor)(array)).as_subclass(torch.Tensor)
+    return torch.as_tensor(DivisiblePad(k=divisor, value=value)(array)).as_subclass(torch.Tensor)
 
 
 def _prepare_support(items: list[dict[str, Any]], divisor: int) -> list[dict[str, Any]]:
@@ -257,8 +258,8 @@ def _score(
         if priors is not None:
             prior, distance = priors[len(scores)]
             prior = _pad(prior[None], divisor)[0].to(device)
-            distance = torch.as_tensor(DivisiblePad(k=divisor, value=-PRIOR_CAP)(distance[None]))[0]
-            logits = fuse(logits[0, 0], prior, distance.as_subclass(torch.Tensor).to(device))[None, None]
+            distance = _pad(distance[None], divisor, value=-PRIOR_CAP)[0].to(device)
+            logits = fuse(logits[0, 0], prior, distance)[None, None]
         scores.append(task_score("segmentation", logits, label))
     return float(np.mean(scores))
 
