@@ -3,16 +3,17 @@
 An adapted head knows what a structure looks like on the scans it was fitted on; on another patient's scan,
 and worse on another modality, that appearance shifts (a CT-fitted head sees nothing on an MR: Dice 0.000
 on every abdominal structure). Where the structure lies in the body shifts much less. The atlas prior
-registers each support scan onto the query (:func:`~medmeta_plugin.adapt.registration.register_rigid`),
-carries its mask over and averages: the probability that a voxel lies in the structure.
+registers each support scan onto the query (:func:`~medmeta_plugin.adapt.registration.register`, rigid
+then affine), carries its mask over and averages: the probability that a voxel lies in the structure.
 
 :func:`fuse` combines it with the head in log-odds:
 
 - The prior speaks in distance, not in blurred probability: its log-odds are the signed distance to the
   carried boundary over ``PRIOR_MM_PER_LOGIT`` (2 mm), capped at +-``PRIOR_CAP``. The head's logits are
   limited to +-``HEAD_LIMIT`` (3): a head fitted on one scan is overconfident on the next (its logits
-  inside the other patient's tumour were -12 to -63). So within 6 mm of the carried boundary - the error
-  of a rigid registration between patients - the head's appearance decides; deeper inside or further
+  inside the other patient's tumour were -12 to -63). So within 6 mm of the carried boundary - what a
+  global (rigid or affine) registration leaves between patients, whose organs also move against each
+  other - the head's appearance decides; deeper inside or further
   out, the position does. (A Gaussian-blurred prior instead never outvoted the head inside structures
   thinner than three blur widths: the blur lowers the probability at their centre.)
 - The head's say depends on its agreement with the prior near the carried structure (the Dice of the two
@@ -34,8 +35,8 @@ import numpy as np
 import torch
 
 from medmeta_plugin.adapt.registration import (
-    RigidRegistration,
-    register_rigid,
+    Registration,
+    register,
     signed_distance_mm,
     warp_to,
 )
@@ -43,7 +44,7 @@ from medmeta_plugin.adapt.registration import (
 __all__ = ["AtlasCase", "RegistrationCache", "atlas_prior", "fuse", "head_region", "prior_logits"]
 
 # The numbers of the module docstring: the head's say (sigmoid(3) = 0.95), the prior's slope (so the head
-# decides within 6 mm of the carried boundary, a rigid registration's error between two patients) and cap,
+# decides within 6 mm of the carried boundary, a global registration's error between two patients) and cap,
 # and the agreement ramp (a head fooled by a look-alike agreed 0.21 with the prior on the phantom test).
 HEAD_LIMIT = 3.0
 PRIOR_MM_PER_LOGIT = 2.0
@@ -82,13 +83,13 @@ class RegistrationCache:
     1,000 scans against 10 labelled ones holds 10,000 of them, under 2 MB.
     """
 
-    def __init__(self, register: Callable[..., RigidRegistration] = register_rigid) -> None:
+    def __init__(self, register: Callable[..., Registration] = register) -> None:
         self.register = register
-        self.entries: dict[tuple[Hashable, Hashable], RigidRegistration] = {}
+        self.entries: dict[tuple[Hashable, Hashable], Registration] = {}
 
     def get(
         self, query_key: Hashable, query: np.ndarray, query_affine: np.ndarray, case: AtlasCase
-    ) -> RigidRegistration:
+    ) -> Registration:
         """The registration of ``case``'s scan onto the query, computed on first use."""
         key = (query_key, case.key)
         if key not in self.entries:
@@ -115,7 +116,7 @@ def atlas_prior(
         Prior, shape (X, Y, Z), float32 in [0, 1].
 
     Raises:
-        ValueError: with no case, or for arrays :func:`register_rigid` rejects.
+        ValueError: with no case, or for arrays :func:`~medmeta_plugin.adapt.registration.register` rejects.
     """
     if not cases:
         raise ValueError("atlas_prior needs at least one labelled support case.")

@@ -14,6 +14,7 @@ from pathlib import Path
 from monai.utils import look_up_option
 
 from medmeta_plugin.adapt.adaptation import HEAD_MODE_STEPS
+from medmeta_plugin.adapt.registration import REGISTRATION_TRANSFORMS
 from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks import ADAPTER_MODES
 from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
@@ -56,7 +57,9 @@ class AppConfig:
         threshold: foreground probability above which a voxel is assigned to a structure.
         score_after_adapt: refresh the active-learning scores in the background after each adaptation.
         atlas: fuse each structure's head with its atlas prior - its labelled scans registered onto the scan
-            being segmented (:mod:`medmeta_plugin.adapt.atlas`); one rigid registration per pair of scans.
+            being segmented (:mod:`medmeta_plugin.adapt.atlas`); one registration per pair of scans.
+        registration: the transform that registration fits, ``affine`` (rigid first, then affine: patients
+            differ in size) or ``rigid`` (scans of one patient, e.g. follow-up).
     """
 
     backbone: Path = DEFAULT_BACKBONE
@@ -73,6 +76,7 @@ class AppConfig:
     threshold: float = 0.5
     score_after_adapt: bool = True
     atlas: bool = True
+    registration: str = "affine"
 
     @property
     def label_map(self) -> dict[str, int]:
@@ -192,6 +196,12 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
             if not 0.0 < threshold < 1.0:
                 raise ValueError(f"--conf threshold must be a probability in (0, 1), got {raw!r}.")
             values[key] = threshold
+        elif key == "registration":
+            if raw not in REGISTRATION_TRANSFORMS:
+                raise ValueError(
+                    f"--conf registration must be one of {list(REGISTRATION_TRANSFORMS)}, got {raw!r}."
+                )
+            values[key] = raw
         elif key in ("score_after_adapt", "atlas"):
             values[key] = _bool(key, raw)
     return AppConfig(**values)  # type: ignore[arg-type]

@@ -147,6 +147,7 @@ class Engine:
         self._atlas = AtlasPriors(
             lambda path: load_working(path, config.spacing, self.divisor, config.max_voxels),
             lambda: self.divisor,
+            config.registration,
         )
         self._atlas_examples: dict[tuple[str, int], list[dict[str, Any]]] = {}
         self._loaded: dict[str, int] = {}

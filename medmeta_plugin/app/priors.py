@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from medmeta_plugin.adapt.atlas import AtlasCase, RegistrationCache, atlas_prior, prior_logits
-from medmeta_plugin.adapt.registration import register_rigid
+from medmeta_plugin.adapt.registration import register
 from medmeta_plugin.app.features import file_key
 from medmeta_plugin.app.grid import WorkingVolume, label_to_working
 
@@ -60,11 +61,15 @@ class AtlasPriors:
         working: reads an image path onto the working grid (:func:`~medmeta_plugin.app.grid.load_working`);
             the result is kept in a small LRU cache here, so a labelled scan is read and resampled once.
         divisor: the backbone's size divisor (working label maps are padded like the images).
+        transform: what registration fits, one of
+            :data:`~medmeta_plugin.adapt.registration.REGISTRATION_TRANSFORMS`.
     """
 
-    def __init__(self, working: Callable[[str], WorkingVolume], divisor: Callable[[], int]) -> None:
+    def __init__(
+        self, working: Callable[[str], WorkingVolume], divisor: Callable[[], int], transform: str = "affine"
+    ) -> None:
         self.working, self.divisor = working, divisor
-        self.registrations = RegistrationCache(register_rigid)
+        self.registrations = RegistrationCache(functools.partial(register, transform=transform))
         self._scans = _Lru(CACHED_SCANS)
         self._labels = _Lru(CACHED_SCANS)
 
@@ -126,7 +131,7 @@ def warm_up() -> None:
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(24, 24, 24)).astype(np.float32)
     volume[6:18, 6:18, 6:18] += 3.0
-    register_rigid(volume, np.eye(4), volume, np.eye(4), iterations=2)
+    register(volume, np.eye(4), volume, np.eye(4), iterations=2)
     prior = atlas_prior(
         "warm-up", volume, np.eye(4), [AtlasCase("warm-up-support", volume, np.eye(4), volume > 1)]
     )

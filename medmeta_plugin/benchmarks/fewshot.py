@@ -30,6 +30,7 @@ computed, so it is what one adaptation costs.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import resource
@@ -55,6 +56,7 @@ from medmeta_plugin.adapt.atlas import (
     fuse,
     prior_logits,
 )
+from medmeta_plugin.adapt.registration import REGISTRATION_TRANSFORMS, register
 from medmeta_plugin.benchmarks.suites import EvalTask, build_suite
 from medmeta_plugin.meta.objectives import task_score
 from medmeta_plugin.networks import ADAPTER_MODES, Backbone3D, MetaModel, load_backbone
@@ -108,6 +110,8 @@ class BenchmarkConfig:
         prior_shift: :attr:`~medmeta_plugin.adapt.AdaptBudget.prior_shift` of head-mode adaptation.
         atlas: one of :data:`ATLAS_CHOICES`: score adapted methods with the atlas prior fused in (real
             suites only; phantoms have no geometry to register).
+        registration: the transform the atlas prior's registration fits, one of
+            :data:`~medmeta_plugin.adapt.registration.REGISTRATION_TRANSFORMS` (as the app's default).
     """
 
     suite: str
@@ -123,10 +127,12 @@ class BenchmarkConfig:
     heads: tuple[str, ...] = (DEFAULT_SEGMENTATION_HEAD,)
     prior_shift: bool = True
     atlas: str = "both"
+    registration: str = "affine"
 
     def __post_init__(self) -> None:
         look_up_option(self.voxel_sample, VOXEL_SAMPLES)
         look_up_option(self.atlas, ATLAS_CHOICES)
+        look_up_option(self.registration, REGISTRATION_TRANSFORMS)
         for head in self.heads:
             look_up_option(head, SEGMENTATION_HEADS)
 
@@ -188,8 +194,8 @@ class _AtlasPriors:
     prior per support draw, shared by the ``atlas`` method and every fused method of the draw (the jobs
     of a draw are consecutive, so only the last draw is kept)."""
 
-    def __init__(self) -> None:
-        self.registrations = RegistrationCache()
+    def __init__(self, transform: str) -> None:
+        self.registrations = RegistrationCache(functools.partial(register, transform=transform))
         self.last: tuple[tuple, tuple[list[tuple[torch.Tensor, torch.Tensor]], float]] | None = None
 
     @staticmethod
@@ -307,7 +313,7 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
     scratch_config = reference.config if reference is not None else Backbone3D().config
     divisor = (reference or Backbone3D(scratch_config)).size_divisor
     records = []
-    atlas = _AtlasPriors()
+    atlas = _AtlasPriors(config.registration)
     heads = {m: ("linear",) if m in ("scratch", "atlas") else config.heads for m in config.methods}
     jobs = [
         (t, k, s, m, h)

@@ -228,6 +228,12 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
         default="both",
         help="score adapted methods without/with the registered support masks fused in (real suites)",
     )
+    f.add_argument(
+        "--registration",
+        choices=("rigid", "affine"),
+        default="affine",
+        help="what the atlas prior's registration fits (default affine: rigid, then affine)",
+    )
     f.add_argument("--out", type=Path, default=Path("results.json"))
     f.add_argument("--plot", type=Path, help="PNG of the metric against shots per method")
     f.set_defaults(func=_benchmark_fewshot)
@@ -276,6 +282,7 @@ def _benchmark_fewshot(args: argparse.Namespace) -> int:
         prior_shift=args.prior_shift,
         head_steps=args.head_steps,
         atlas=args.atlas,
+        registration=args.registration,
     )
     results = run_benchmark(config)
     write_results(results, args.out)

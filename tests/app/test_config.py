@@ -32,6 +32,7 @@ def test_defaults_serve_the_shipped_backbone() -> None:
         ({"threshold": "0.3"}, "threshold", 0.3),
         ({"score_after_adapt": "off"}, "score_after_adapt", False),
         ({"atlas": "false"}, "atlas", False),
+        ({"registration": "rigid"}, "registration", "rigid"),
     ],
 )
 def test_valid_values(conf: dict[str, str], field: str, expected: object) -> None:
@@ -55,6 +56,7 @@ def test_valid_values(conf: dict[str, str], field: str, expected: object) -> Non
         ({"threshold": "1.5"}, "threshold"),
         ({"score_after_adapt": "maybe"}, "score_after_adapt"),
         ({"atlas": "registration"}, "atlas"),
+        ({"registration": "bspline"}, "registration must be one of ['rigid', 'affine']"),
         ({"backbone": "/no/such/file.safetensors"}, "no such file"),
     ],
 )
