@@ -13,6 +13,9 @@ shots from it by seed) and fixed query cases scored after adaptation. All images
   deformed copies of it, there being one CT), query on the real abdominal MR of another patient.
 - ``brain-heldout``: support and query from differently deformed, intensity-augmented copies of the brain
   template, for the held-out brain structures.
+- ``abdomen-ct-to-mr-dev``, ``brain-dev``: the same two problems for the development structures
+  ``ABDOMEN_DEV`` and ``BRAIN_DEV`` of :mod:`medmeta_plugin.benchmarks.splits`, which meta-training sees:
+  for settling design choices on real scans without tuning the held-out figures.
 - ``brain-tumour``: the tumour labelled on the brain MRI of one patient (1 shot: that scan; more shots add
   deformed copies of it), segmented on the MRI of the other patient, in both directions: the only real
   structure of the data labelled on two patients in one modality.
@@ -47,7 +50,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from medmeta_plugin.benchmarks.splits import ABDOMEN_HELDOUT, BRAIN_HELDOUT, TUMOUR_HELDOUT
+from medmeta_plugin.benchmarks.splits import (
+    ABDOMEN_DEV,
+    ABDOMEN_HELDOUT,
+    BRAIN_DEV,
+    BRAIN_HELDOUT,
+    TUMOUR_HELDOUT,
+)
 from medmeta_plugin.episodes import HELDOUT_FAMILIES, Case, load_case, make_case
 from medmeta_plugin.episodes.copies import deformed_copies
 from medmeta_plugin.episodes.synthetic import case_plans
@@ -186,7 +195,7 @@ def _value(case: Case, name: str) -> int | None:
     return next((v for v, n in case.structures.items() if n == name), None)
 
 
-def _abdomen(seed: int) -> list[EvalTask]:
+def _abdomen(seed: int, structures: tuple[str, ...] = ABDOMEN_HELDOUT) -> list[EvalTask]:
     ct, mr = _real_case("ct_abdomen_a"), _real_case("mr_abdomen_d")
     loaded = [load_case(c) for c in [ct, *deformed_copies([ct], 4, seed=seed)]]
     mr_image, mr_label = load_case(mr)
@@ -194,7 +203,7 @@ def _abdomen(seed: int) -> list[EvalTask]:
     ct_images, query_image = [_image(i) for i, _ in loaded], _image(mr_image)
     ct_affine, mr_affine = _affine(ct), _affine(mr)
     tasks = []
-    for name in ABDOMEN_HELDOUT:
+    for name in structures:
         v_ct, v_mr = _value(ct, name), _value(mr, name)
         if v_ct is None or v_mr is None:
             continue
@@ -207,14 +216,14 @@ def _abdomen(seed: int) -> list[EvalTask]:
     return tasks
 
 
-def _brain(seed: int) -> list[EvalTask]:
+def _brain(seed: int, structures: tuple[str, ...] = BRAIN_HELDOUT) -> list[EvalTask]:
     brain = _real_case("brain_mni152")
     support = [load_case(c) for c in deformed_copies([brain], 5, seed=seed)]
     query = [load_case(c) for c in deformed_copies([brain], 2, seed=seed + 10_000)]
     support_images, query_images = [_image(i) for i, _ in support], [_image(i) for i, _ in query]
     affine = _affine(brain)
     tasks = []
-    for name in BRAIN_HELDOUT:
+    for name in structures:
         v = _value(brain, name)
         if v is None:
             continue
@@ -272,6 +281,8 @@ SUITES: dict[str, Callable[[int], list[EvalTask]]] = {
     "synthetic-regression": lambda seed: _synthetic_volume(seed, "regression"),
     "abdomen-ct-to-mr": _abdomen,
     "brain-heldout": _brain,
+    "abdomen-ct-to-mr-dev": lambda seed: _abdomen(seed, ABDOMEN_DEV),
+    "brain-dev": lambda seed: _brain(seed, BRAIN_DEV),
     "brain-tumour": _tumour,
 }
 

@@ -13,7 +13,9 @@ from medmeta_plugin.adapt import AdaptBudget, adapt
 from medmeta_plugin.benchmarks import fewshot
 from medmeta_plugin.benchmarks.fewshot import BenchmarkConfig, parse_methods, plot, run_benchmark, summarise
 from medmeta_plugin.benchmarks.splits import (
+    ABDOMEN_DEV,
     ABDOMEN_HELDOUT,
+    BRAIN_DEV,
     BRAIN_HELDOUT,
     HELDOUT_STRUCTURES,
     SYNTHETIC_HELDOUT_TASKS,
@@ -287,6 +289,8 @@ def test_invalid_benchmark_input(call, match: str) -> None:
     [
         ("abdomen-ct-to-mr", ABDOMEN_HELDOUT),
         ("brain-heldout", BRAIN_HELDOUT),
+        ("abdomen-ct-to-mr-dev", ABDOMEN_DEV),
+        ("brain-dev", BRAIN_DEV),
         ("brain-tumour", ("tumour_1_to_2", "tumour_2_to_1")),
     ],
 )
@@ -295,3 +299,7 @@ def test_real_suites_evaluate_their_held_out_structures(suite: str, names: tuple
     assert {t.name for t in tasks} == set(names)
     for t in tasks:
         assert all(float(q["label"].sum()) > 0 for q in t.query), f"{t.name}: empty query label"
+
+
+def test_development_structures_are_not_held_out() -> None:
+    assert not set(ABDOMEN_DEV + BRAIN_DEV) & HELDOUT_STRUCTURES
