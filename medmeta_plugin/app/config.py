@@ -58,6 +58,10 @@ class AppConfig:
         score_after_adapt: refresh the active-learning scores in the background after each adaptation.
         atlas: fuse each structure's head with its atlas prior - its labelled scans registered onto the scan
             being segmented (:mod:`medmeta_plugin.adapt.atlas`); one registration per pair of scans.
+        refine: let the adapted head move the registered masks' boundary where it nearly agrees with them
+            (:func:`~medmeta_plugin.adapt.atlas.fuse`); off by default: on every real structure measured it
+            made them worse (``docs/benchmarks/atlas.md``). Without it, a structure with a prior is its
+            carried masks, and the head answers where there is no prior (a scan that does not register).
         registration: the transform that registration fits, ``affine`` (rigid first, then affine: patients
             differ in size) or ``rigid`` (scans of one patient, e.g. follow-up).
     """
@@ -76,6 +80,7 @@ class AppConfig:
     threshold: float = 0.5
     score_after_adapt: bool = True
     atlas: bool = True
+    refine: bool = False
     registration: str = "affine"
 
     @property
@@ -202,6 +207,6 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
                     f"--conf registration must be one of {list(REGISTRATION_TRANSFORMS)}, got {raw!r}."
                 )
             values[key] = raw
-        elif key in ("score_after_adapt", "atlas"):
+        elif key in ("score_after_adapt", "atlas", "refine"):
             values[key] = _bool(key, raw)
     return AppConfig(**values)  # type: ignore[arg-type]

@@ -262,11 +262,12 @@ class Engine:
     def _segmentation_logits(
         self, name: str, task: TaskAdapter, image: str | Path, volume: WorkingVolume, base: BackboneOutput
     ) -> torch.Tensor:
-        """A structure's logits on the unpadded working grid, (X, Y, Z), fused with its atlas prior when
-        ``config.atlas`` is on and its labelled scans can still be read.
+        """A structure's logits on the unpadded working grid, (X, Y, Z).
 
-        With a prior, a head-mode head runs only where it can change the answer (:func:`head_region`: the
-        carried structure and 6 mm around it), not on the whole scan.
+        When ``config.atlas`` is on and its labelled scans can still be read, the answer is its atlas prior
+        (the prior's distance log-odds), fused with the head only when ``config.refine`` is on; then a
+        head-mode head runs only where it can change the answer (:func:`head_region`: the carried
+        structure and 6 mm around it), not on the whole scan. Without a prior, the head answers.
         """
         examples = self.atlas_examples(name) if self.config.atlas else []
         prior = None
@@ -279,6 +280,8 @@ class Engine:
             return volume.crop(self._task_output(task, volume, base))[0, 0].float().cpu()
         if own:  # on a scan it was labelled on, a structure is its label
             return torch.where(prior >= 0.5, PRIOR_CAP, -PRIOR_CAP)
+        if not self.config.refine:
+            return distance
         region = head_region(distance)
         if task.info.mode == "head":
             logits = self._head_on(task, volume, base, region)

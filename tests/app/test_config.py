@@ -33,6 +33,7 @@ def test_defaults_serve_the_shipped_backbone() -> None:
         ({"score_after_adapt": "off"}, "score_after_adapt", False),
         ({"atlas": "false"}, "atlas", False),
         ({"registration": "rigid"}, "registration", "rigid"),
+        ({"refine": "true"}, "refine", True),
     ],
 )
 def test_valid_values(conf: dict[str, str], field: str, expected: object) -> None:

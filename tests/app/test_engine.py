@@ -188,9 +188,13 @@ def test_a_deleted_label_file_leaves_the_head_serving(engine: Engine, studies: d
     assert result.names == {"ball": 1} and result.labels.shape[1:] == (24, 24, 24)
 
 
-def test_head_run_near_the_prior_only_gives_the_whole_volume_answer(engine: Engine, studies: dict) -> None:
-    # With a prior, a head-mode head runs only where it can change the answer; fusing its whole-volume
-    # logits must give the same answer everywhere and the same probabilities where the head has a say.
+def test_head_run_near_the_prior_only_gives_the_whole_volume_answer(
+    tmp_path: Path, studies: dict, tiny_backbone: Path
+) -> None:
+    # With a prior and refine on, a head-mode head runs only where it can change the answer; fusing its
+    # whole-volume logits must give the same answer everywhere and the same probabilities where the head
+    # has a say.
+    engine = Engine(parse_conf(app_conf(tiny_backbone, refine="true")), tmp_path / "model")
     image_a, image_c = str(studies["studies"] / "a.nii.gz"), str(studies["studies"] / "c.nii.gz")
     engine.adapt_task("ball", "segmentation", [Example(image_a, str(studies["a"]), 1)])
     volume, probs = engine.probabilities(image_c)
@@ -202,3 +206,13 @@ def test_head_run_near_the_prior_only_gives_the_whole_volume_answer(engine: Engi
     region = head_region(distance)
     torch.testing.assert_close(probs["ball"][region], expected[region], rtol=0, atol=1e-5)
     assert torch.equal(probs["ball"] > 0.5, expected > 0.5)
+
+
+def test_without_refine_a_structure_with_a_prior_is_its_carried_masks(engine: Engine, studies: dict) -> None:
+    image_a, image_c = str(studies["studies"] / "a.nii.gz"), str(studies["studies"] / "c.nii.gz")
+    assert not engine.config.refine  # the default
+    engine.adapt_task("ball", "segmentation", [Example(image_a, str(studies["a"]), 1)])
+    volume, probs = engine.probabilities(image_c)
+    prior, distance, own = engine._atlas.prior(image_c, volume, engine.atlas_examples("ball"))
+    assert not own and (prior >= 0.5).any()
+    assert torch.equal(probs["ball"] > 0.5, prior >= 0.5)
