@@ -5,12 +5,17 @@ align. ITK's v4 registration finds that alignment by Mattes mutual information, 
 co-occurrence rather than intensities, so it aligns a CT with an MR as well as two CTs.
 
 The alignment is rigid first, then affine (the classic atlas pipeline's first two stages): two patients
-differ in size and build as well as in pose, and a rigid transform leaves that to the fusion. On the
-benchmark's scans, carried masks alone, 1 shot: brain copies 0.415 -> 0.885 mean Dice (support and query
-differ by a random affine and a smooth deformation), abdominal CT -> MR of two patients 0.312 -> 0.332
+differ in size and build as well as in pose, which a rigid transform leaves uncorrected. The benchmark's
+``atlas`` method (carried masks alone), 1 / 3 / 5 shots, rigid -> affine: ``brain-heldout`` 0.737 / 0.720 /
+0.588 -> 0.867 / 0.901 / 0.912 mean Dice (support and query differ by a random affine and a smooth
+deformation), ``abdomen-ct-to-mr`` (two patients, CT -> MR) 0.312 / 0.304 / 0.312 -> 0.332 / 0.330 / 0.317
 (``docs/benchmarks/atlas.md``). The affine stage is kept only if it improves the metric and scales no
 axis by more than ``max_scale`` either way (inter-patient size differences are tens of percent; a larger
 one is a degenerate fit, e.g. along a thin slab); otherwise the rigid result stands.
+
+ITK sums the metric over its worker threads in no fixed order, so two runs on the same scans can end at
+slightly different transforms and, now and then, carried voxels differ (``abdomen-ct-to-mr-dev``, carried
+masks at 3 shots: 0.224 in one run, 0.230 in the next).
 
 Two choices make it work on whole scans of different extent (a 60 mm MR slab against a 336 mm CT):
 
