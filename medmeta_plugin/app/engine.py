@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,14 +260,20 @@ class Engine:
         return self._atlas_examples[key]
 
     def _segmentation_logits(
-        self, name: str, task: TaskAdapter, image: str | Path, volume: WorkingVolume, base: BackboneOutput
+        self,
+        name: str,
+        task: TaskAdapter,
+        image: str | Path,
+        volume: WorkingVolume,
+        base: Callable[[], BackboneOutput],
     ) -> torch.Tensor:
         """A structure's logits on the unpadded working grid, (X, Y, Z).
 
         When ``config.atlas`` is on and its labelled scans can still be read, the answer is its atlas prior
         (the prior's distance log-odds), fused with the head only when ``config.refine`` is on; then a
         head-mode head runs only where it can change the answer (:func:`head_region`: the carried
-        structure and 6 mm around it), not on the whole scan. Without a prior, the head answers.
+        structure and 6 mm around it), not on the whole scan. Without a prior, the head answers. ``base``
+        gives the scan's backbone output; it is called only when a head runs.
         """
         examples = self.atlas_examples(name) if self.config.atlas else []
         prior = None
@@ -277,16 +283,16 @@ class Engine:
             except ValueError as err:
                 logger.warning("atlas prior of %r left out on %s: %s", name, image, err)
         if prior is None:
-            return volume.crop(self._task_output(task, volume, base))[0, 0].float().cpu()
+            return volume.crop(self._task_output(task, volume, base()))[0, 0].float().cpu()
         if own:  # on a scan it was labelled on, a structure is its label
             return torch.where(prior >= 0.5, PRIOR_CAP, -PRIOR_CAP)
         if not self.config.refine:
             return distance
         region = head_region(distance)
         if task.info.mode == "head":
-            logits = self._head_on(task, volume, base, region)
+            logits = self._head_on(task, volume, base(), region)
         else:
-            logits = volume.crop(self._task_output(task, volume, base))[0, 0].float().cpu()[region]
+            logits = volume.crop(self._task_output(task, volume, base()))[0, 0].float().cpu()[region]
         out = distance.clone()
         out[region] = fuse(logits, prior[region], distance[region])
         return out
@@ -320,8 +326,16 @@ class Engine:
     ) -> tuple[WorkingVolume, dict[str, torch.Tensor]]:
         """Foreground probability of each adapted structure on the unpadded working grid, (X, Y, Z) each."""
         start = time.perf_counter()
-        volume, base = self.working(image)
         chosen = self._select(self.tasks("segmentation"), tasks)
+        # The backbone runs only if a head does: structures answered by their atlas prior need the scan alone.
+        volume = self._features.volume(image, self.divisor)
+        computed: list[BackboneOutput] = []
+
+        def base() -> BackboneOutput:
+            if not computed:
+                computed.append(self.working(image)[1])
+            return computed[0]
+
         probs = {
             name: torch.sigmoid(self._segmentation_logits(name, task, image, volume, base))
             for name, task in chosen.items()

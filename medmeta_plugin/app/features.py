@@ -1,7 +1,9 @@
 """Backbone features of whole scans: one pass per scan (whole or by sliding window), cached per file version.
 
 Inference runs the backbone once per scan and applies every ``head``-mode structure to the same features;
-adaptation of a structure on a scan the user has just looked at reuses them. Requests for a scan whose
+adaptation of a structure on a scan the user has just looked at reuses them. A scan whose structures are all
+answered by their atlas prior (the app's default on scans that register) is only read onto the working grid
+(:meth:`FeatureCache.volume`): no backbone pass. Requests for a scan whose
 features are being computed wait for that computation instead of repeating it (the background scorer and a
 user's request often ask for the same new scan at once).
 """
@@ -84,11 +86,32 @@ class FeatureCache:
         self.config, self.device = config, device
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple, tuple[WorkingVolume, BackboneOutput]] = OrderedDict()
+        self._volumes: OrderedDict[tuple, WorkingVolume] = OrderedDict()
         self._computing: dict[tuple, threading.Event] = {}
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._volumes.clear()
+
+    def volume(self, image: str | Path, divisor: int) -> WorkingVolume:
+        """The scan on the working grid (padded to multiples of ``divisor``), read once per file version:
+        enough for a structure whose answer is its atlas prior, which needs no backbone pass.
+
+        Raises:
+            ValueError: if the scan cannot be read or is too large.
+        """
+        key = (*file_key(image), divisor)
+        with self._lock:
+            if key in self._volumes:
+                self._volumes.move_to_end(key)
+                return self._volumes[key]
+        volume = load_working(key[0], self.config.spacing, divisor, self.config.max_voxels)
+        with self._lock:
+            self._volumes[key] = volume
+            while len(self._volumes) > CACHE_ENTRIES:
+                self._volumes.popitem(last=False)
+        return volume
 
     def get(self, image: str | Path, backbone: Backbone3D) -> tuple[WorkingVolume, BackboneOutput]:
         """The scan on the working grid and its backbone output, computed once per file version.
@@ -112,7 +135,7 @@ class FeatureCache:
                 if key not in self._entries and key not in self._computing:
                     continue  # the other computation failed: try it ourselves
         try:
-            volume = load_working(path, self.config.spacing, backbone.size_divisor, self.config.max_voxels)
+            volume = self.volume(path, backbone.size_divisor)
             with torch.no_grad():
                 base = backbone_output(backbone, volume.image.to(self.device), None, self.config)
                 base = base.channel_last()  # what heads and adaptation read fastest

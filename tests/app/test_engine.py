@@ -216,3 +216,19 @@ def test_without_refine_a_structure_with_a_prior_is_its_carried_masks(engine: En
     prior, distance, own = engine._atlas.prior(image_c, volume, engine.atlas_examples("ball"))
     assert not own and (prior >= 0.5).any()
     assert torch.equal(probs["ball"] > 0.5, prior >= 0.5)
+
+
+def test_structures_answered_by_their_prior_need_no_backbone_pass(
+    engine: Engine, studies: dict, tiny_backbone: Path
+) -> None:
+    image_a, image_c = str(studies["studies"] / "a.nii.gz"), str(studies["studies"] / "c.nii.gz")
+    engine.adapt_task("ball", "segmentation", [Example(image_a, str(studies["a"]), 1)])
+    passes: list[int] = []
+    engine.model.backbone.register_forward_hook(lambda *args: passes.append(1))
+    engine.segment(image_c)
+    assert not passes  # the carried masks answer: a new scan is only read and registered
+    # The same adapter with refine on (restored from the model folder): the head runs, so the backbone does.
+    refining = Engine(parse_conf(app_conf(tiny_backbone, refine="true")), engine.model_dir)
+    refining.model.backbone.register_forward_hook(lambda *args: passes.append(1))
+    refining.segment(image_c)
+    assert passes
