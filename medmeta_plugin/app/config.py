@@ -56,8 +56,9 @@ class AppConfig:
         device: ``cuda``, ``cpu`` or ``auto`` (a GPU when there is one).
         threshold: foreground probability above which a voxel is assigned to a structure.
         score_after_adapt: refresh the active-learning scores in the background after each adaptation.
-        atlas: fuse each structure's head with its atlas prior - its labelled scans registered onto the scan
-            being segmented (:mod:`medmeta_plugin.adapt.atlas`); one registration per pair of scans.
+        atlas: answer each structure by its atlas prior - its labelled scans registered onto the scan being
+            segmented, their masks carried over (:mod:`medmeta_plugin.adapt.atlas`); one registration per
+            pair of scans. Off: the adapted head alone.
         refine: let the adapted head move the registered masks' boundary where it nearly agrees with them
             (:func:`~medmeta_plugin.adapt.atlas.fuse`); off by default: on every real structure measured it
             made them worse (``docs/benchmarks/atlas.md``). Without it, a structure with a prior is its
