@@ -56,7 +56,11 @@ from medmeta_plugin.adapt.atlas import (
     fuse,
     prior_logits,
 )
-from medmeta_plugin.adapt.registration import REGISTRATION_TRANSFORMS, register
+from medmeta_plugin.adapt.registration import (
+    REGISTRATION_TRANSFORMS,
+    deterministic_registration,
+    register,
+)
 from medmeta_plugin.benchmarks.suites import EvalTask, build_suite
 from medmeta_plugin.meta.objectives import task_score
 from medmeta_plugin.networks import ADAPTER_MODES, Backbone3D, MetaModel, load_backbone
@@ -289,6 +293,9 @@ def _models(config: BenchmarkConfig, device: torch.device) -> dict[str, Backbone
 def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = None) -> dict[str, Any]:
     """Run every method on the same episodes of a suite.
 
+    Registrations (the atlas prior of real suites) run on one ITK thread
+    (:func:`~medmeta_plugin.adapt.registration.deterministic_registration`), so a run repeats exactly.
+
     Returns:
         ``{"suite", "device", "config", "records": [{"method", "task", "kind", "shots", "seed", "metric",
         "value", "adapt_seconds", "peak_mem_mb"}]}``.
@@ -300,7 +307,11 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; valid methods: {list(METHODS)}.")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with deterministic_registration():
+        return _run(config, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
+
+def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
     tasks = build_suite(config.suite)
     if config.tasks is not None:
         known = {t.name for t in tasks}

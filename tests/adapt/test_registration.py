@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itk
 import numpy as np
 import pytest
 import torch
@@ -17,6 +18,7 @@ from medmeta_plugin.adapt.atlas import (
 )
 from medmeta_plugin.adapt.registration import (
     Registration,
+    deterministic_registration,
     register,
     signed_distance_mm,
     soft_tissue_window,
@@ -108,6 +110,19 @@ def test_an_implausible_affine_stage_is_rejected(phantom: tuple[np.ndarray, ...]
     result = register(image, affine, image, moving_affine, transform="affine", max_scale=1.1)
     assert result.transform == "rigid"
     np.testing.assert_allclose(result.matrix, rigid.matrix, atol=1e-6)
+
+
+def test_deterministic_registration_repeats_exactly(phantom: tuple[np.ndarray, ...]) -> None:
+    image, _, affine = phantom
+    moving_affine = np.diag([2.3, 2.3, 2.3, 1.0])
+    moving_affine[:3, 3] = -55.2
+    before = itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads()
+    with deterministic_registration():
+        assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == 1
+        first, second = (register(image, affine, image, moving_affine) for _ in range(2))
+    assert itk.MultiThreaderBase.GetGlobalDefaultNumberOfThreads() == before
+    np.testing.assert_array_equal(first.matrix, second.matrix)
+    assert first.metric == second.metric
 
 
 def test_atlas_prior_caches_each_pair_once(phantom: tuple[np.ndarray, ...]) -> None:
