@@ -202,8 +202,8 @@ def _matrix(transform: itk.Transform) -> np.ndarray:
 
 def _affine_stage(
     rigid: itk.Euler3DTransform,
-    rigid_metric: float,
-    levels: list[tuple[itk.Image, itk.Image]],
+    coarse: tuple[itk.Image, itk.Image],
+    fine: tuple[itk.Image, itk.Image],
     iterations: int,
 ) -> tuple[itk.AffineTransform, float] | None:
     """The rigid result refined as an affine transform, coarse level first; None if ITK fails."""
@@ -211,13 +211,11 @@ def _affine_stage(
     affine.SetCenter(rigid.GetCenter())
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
-    value = rigid_metric
-    try:
-        for (fixed, moving), step_mm in zip(levels, (1.0, 0.5)):  # the rigid fit is already close
-            value = _run(fixed, moving, affine, iterations, step_mm)
+    try:  # smaller first steps than the rigid stage's 2 mm: the rigid fit is already close
+        _run(*coarse, affine, iterations, step_mm=1.0)
+        return affine, _run(*fine, affine, iterations, step_mm=0.5)
     except RuntimeError:  # too little overlap once scaled
         return None
-    return affine, value
 
 
 def register(
@@ -291,7 +289,7 @@ def register(
         raise ValueError(f"registration failed at the finer level: {err}") from err
     result: tuple[itk.Transform, float, str] = (best[1], value, "rigid")
     if transform == "affine":
-        refined = _affine_stage(best[1], value, [coarse, fine], iterations)
+        refined = _affine_stage(best[1], coarse, fine, iterations)
         if refined is not None:
             scales = np.linalg.svd(itk.array_from_matrix(refined[0].GetMatrix()), compute_uv=False)
             plausible = scales.max() <= max_scale and scales.min() >= 1.0 / max_scale

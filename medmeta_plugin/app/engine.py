@@ -33,7 +33,7 @@ from medmeta_plugin.adapt.atlas import PRIOR_CAP, fuse, head_region
 from medmeta_plugin.adapt.store import AdapterStore
 from medmeta_plugin.app.config import AppConfig
 from medmeta_plugin.app.features import FeatureCache, backbone_output
-from medmeta_plugin.app.grid import WorkingVolume, label_to_working, load_working, to_original_grid
+from medmeta_plugin.app.grid import WorkingVolume, label_to_working, to_original_grid
 from medmeta_plugin.app.priors import AtlasPriors
 from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks import (
@@ -145,7 +145,7 @@ class Engine:
         self._lock = threading.RLock()
         self._features = FeatureCache(config, self.device)
         self._atlas = AtlasPriors(
-            lambda path: load_working(path, config.spacing, self.divisor, config.max_voxels),
+            lambda path: self._features.volume(path, self.divisor),  # one read of a scan, query or labelled
             lambda: self.divisor,
             config.registration,
         )
