@@ -24,6 +24,7 @@ from torch import nn
 from medmeta_plugin.networks.backbone import Backbone3D
 
 __all__ = [
+    "ADAPTER_CLASSES",
     "ADAPTER_MODES",
     "Adapter",
     "FilmAdapter",
@@ -40,6 +41,9 @@ class Adapter(nn.Module):
     """Base class: the identity on every hook."""
 
     mode: str = ""
+    #: Whether the adapter changes the encoder's output; if not, an encoding can be computed once and reused
+    #: (:meth:`Backbone3D.encode`).
+    adapts_encoder: bool = False
 
     def conv_delta(self, name: str) -> torch.Tensor | None:
         """Kernel delta for the convolution ``name`` (see :meth:`Backbone3D.conv_shapes`), or ``None``."""
@@ -128,6 +132,7 @@ class FullAdapter(Adapter):
     """
 
     mode = "full"
+    adapts_encoder = True
 
     def __init__(self, backbone: Backbone3D) -> None:
         super().__init__()
@@ -150,8 +155,15 @@ def build_adapter(mode: str, backbone: Backbone3D, **hparams: int | float) -> Ad
         return LoraAdapter(backbone, **hparams)
     if hparams:
         raise ValueError(f"adapter mode {mode!r} takes no hyper-parameters, got {sorted(hparams)}.")
-    if mode == "film":
-        return FilmAdapter(backbone)
-    if mode == "full":
-        return FullAdapter(backbone)
-    return HeadOnlyAdapter()
+    if mode == "head":
+        return HeadOnlyAdapter()
+    return ADAPTER_CLASSES[mode](backbone)
+
+
+#: The adapter class of each mode.
+ADAPTER_CLASSES: dict[str, type[Adapter]] = {
+    "head": HeadOnlyAdapter,
+    "film": FilmAdapter,
+    "lora": LoraAdapter,
+    "full": FullAdapter,
+}

@@ -124,6 +124,12 @@ class BackboneOutput(NamedTuple):
         position = None if self.position is None else self.position.contiguous(**layout)
         return BackboneOutput(self.features.contiguous(**layout), self.embedding, position)
 
+    def float(self) -> BackboneOutput:
+        """The same output in float32 (no copy where it already is), e.g. after a bfloat16 autocast pass:
+        heads and losses run in float32."""
+        position = None if self.position is None else self.position.float()
+        return BackboneOutput(self.features.float(), self.embedding.float(), position)
+
     @staticmethod
     def cat(outputs: list[BackboneOutput]) -> BackboneOutput:
         """Concatenate outputs of equal spatial size along the batch axis (positions if all have them)."""
@@ -250,12 +256,31 @@ class Backbone3D(nn.Module):
         """Channels of each decoder level, in the order they are modulated (coarse to fine)."""
         return tuple(reversed(self.config.features[:-1]))
 
-    def forward(self, x: torch.Tensor, adapter: Adapter | None = None) -> BackboneOutput:
+    def encode(self, x: torch.Tensor, adapter: Adapter | None = None) -> list[torch.Tensor]:
+        """The encoder's output at each level, fine to coarse: (B, features[i], X / 2**i, Y / 2**i, Z / 2**i).
+
+        Adapters that leave the encoder alone (``film``, ``lora``: :attr:`Adapter.adapts_encoder` is False)
+        give the same encoding as the plain backbone, so it can be computed once and passed to
+        :meth:`forward` as ``encoded`` for every step of an adaptation.
+        """
+        self._check(x)
+        encoded = []
+        h = x
+        for i, stage in enumerate(self.encoder):
+            h = stage(h, adapter, f"enc{i}")
+            encoded.append(h)
+        return encoded
+
+    def forward(
+        self, x: torch.Tensor, adapter: Adapter | None = None, encoded: list[torch.Tensor] | None = None
+    ) -> BackboneOutput:
         """Compute voxel features and the pooled embedding.
 
         Args:
             x: images, shape (B, in_channels, X, Y, Z), each spatial size a multiple of :attr:`size_divisor`.
             adapter: optional task adapter that shifts convolution kernels and modulates decoder levels.
+            encoded: :meth:`encode` of ``x`` (without an adapter), to skip the encoder; only valid with an
+                adapter that does not adapt the encoder.
 
         Returns:
             :class:`BackboneOutput` with ``features`` (B, :attr:`feature_channels`, X, Y, Z), ``embedding``
@@ -263,23 +288,19 @@ class Backbone3D(nn.Module):
             image, replace it by the whole image's, cropped).
 
         Raises:
-            ValueError: if ``x`` is not 5D, has the wrong channel count or a size not divisible as required.
+            ValueError: if ``x`` is not 5D, has the wrong channel count or a size not divisible as required,
+                or ``encoded`` is given with an adapter that adapts the encoder.
         """
-        if x.ndim != 5 or x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"x must have shape (B, {self.config.in_channels}, X, Y, Z), got {tuple(x.shape)}."
-            )
-        if any(s % self.size_divisor for s in x.shape[2:]):
-            raise ValueError(
-                f"spatial sizes {tuple(x.shape[2:])} must be multiples of {self.size_divisor} "
-                f"(2 ** (depth - 1) for features={self.config.features}); pad the input first."
-            )
-        skips = []
-        h = x
-        for i, stage in enumerate(self.encoder):
-            h = stage(h, adapter, f"enc{i}")
-            skips.append(h)
-        bottleneck = h
+        if encoded is None:
+            encoded = self.encode(x, adapter)
+        else:
+            self._check(x)
+            if adapter is not None and adapter.adapts_encoder:
+                raise ValueError(
+                    f"a {adapter.mode!r} adapter changes the encoder: its encoding cannot be reused."
+                )
+        skips, bottleneck = encoded, encoded[-1]
+        h = bottleneck
         levels = []  # decoder outputs, coarse to fine
         for level, j in enumerate(reversed(range(len(self.decoder)))):
             h = self.upsample[j](h)
@@ -295,3 +316,14 @@ class Backbone3D(nn.Module):
                 [h, *(F.interpolate(c, size=h.shape[2:], mode="trilinear") for c in coarser)], 1
             )
         return BackboneOutput(features=features, embedding=embedding, position=body_position(x))
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.ndim != 5 or x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"x must have shape (B, {self.config.in_channels}, X, Y, Z), got {tuple(x.shape)}."
+            )
+        if any(s % self.size_divisor for s in x.shape[2:]):
+            raise ValueError(
+                f"spatial sizes {tuple(x.shape[2:])} must be multiples of {self.size_divisor} "
+                f"(2 ** (depth - 1) for features={self.config.features}); pad the input first."
+            )

@@ -207,3 +207,25 @@ def test_coarser_feature_levels_append_upsampled_decoder_outputs(levels: int) ->
     assert levels_out[:, 4:].abs().sum() > 0
     legacy = {k: v for k, v in wide.config.to_dict().items() if k != "feature_levels"}
     assert BackboneConfig.from_dict(legacy).feature_levels == 1
+
+
+@pytest.mark.parametrize("mode", ["film", "lora"])
+def test_a_reused_encoding_gives_the_same_features(model: MetaModel, x: torch.Tensor, mode: str) -> None:
+    """film and lora adapt the decoder only: adaptation encodes its support once and reuses it every step."""
+    task = model.add_task("t", "segmentation", mode=mode)
+    fast = {k: v for k, v in model.fast_parameters("t").items() if ".head." not in k}
+    with torch.no_grad():
+        for name, value in _perturb(fast).items():  # a non-identity adapter
+            model.get_parameter(name).copy_(value)
+    encoded = model.backbone.encode(x)
+    assert [tuple(e.shape[1:2]) for e in encoded] == [(c,) for c in SMALL.features]
+    whole = model.backbone(x, adapter=task.adapter)
+    reused = model.backbone(x, adapter=task.adapter, encoded=encoded)
+    torch.testing.assert_close(reused.features, whole.features, rtol=0, atol=0)
+    torch.testing.assert_close(reused.embedding, whole.embedding, rtol=0, atol=0)
+
+
+def test_a_full_adapter_cannot_reuse_an_encoding(model: MetaModel, x: torch.Tensor) -> None:
+    task = model.add_task("t", "segmentation", mode="full")
+    with pytest.raises(ValueError, match="changes the encoder"):
+        task.adapter.backbone(x, adapter=task.adapter, encoded=model.backbone.encode(x))
