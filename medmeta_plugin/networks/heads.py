@@ -72,6 +72,10 @@ class SegmentationHead(nn.Module):
         Raises:
             ValueError: for a ``position`` head given an output without positions.
         """
+        # Channel-last memory makes the per-voxel layers matmuls (no copy where it already is, as in the
+        # feature caches and head-mode voxel samples). A backbone's fresh output pays one copy for it, and
+        # gains: a film step on 5 volumes of 64^3 (2 threads, x86_64) took 4.4 s without it, 3.6 s with it.
+        out = out.channel_last()
         logits = self._linear(out.features)
         if self.mlp is None:
             return logits
