@@ -12,6 +12,7 @@ with respect to the fast parameters alone, so not even the backbone's ``.grad`` 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -24,11 +25,12 @@ from monai.utils import look_up_option
 
 from medmeta_plugin.adapt.head_init import init_head
 from medmeta_plugin.meta.objectives import task_loss, task_score
-from medmeta_plugin.networks.adapters import ADAPTER_MODES, FullAdapter
+from medmeta_plugin.networks.adapters import ADAPTER_CLASSES, ADAPTER_MODES, FullAdapter
 from medmeta_plugin.networks.backbone import BackboneOutput
 from medmeta_plugin.networks.heads import SEGMENTATION_HEADS, TASK_KINDS
 from medmeta_plugin.networks.model import MetaModel, TaskAdapter, TaskInfo
 from medmeta_plugin.networks.position import body_position
+from medmeta_plugin.networks.precision import PRECISIONS, autocast
 
 __all__ = [
     "HEAD_MODE_STEPS",
@@ -78,6 +80,8 @@ class AdaptBudget:
         step_voxels: head-mode segmentation steps each use this many voxels per case, drawn afresh from
             the voxel sample (stochastic steps: the position head's MLP costs ~4x less per step than on the
             whole sample, and 200 steps still see all of it); 0 uses the whole sample every step.
+        precision: numeric precision of backbone passes, one of
+            :data:`~medmeta_plugin.networks.precision.PRECISIONS` (heads always fit in float32).
     """
 
     steps: int = 30
@@ -88,6 +92,7 @@ class AdaptBudget:
     voxel_sample: str = "balanced"
     prior_shift: bool = True
     step_voxels: int = 8192
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -99,6 +104,7 @@ class AdaptBudget:
         look_up_option(self.voxel_sample, VOXEL_SAMPLES)
         if self.step_voxels < 0:
             raise ValueError(f"step_voxels must be >= 0, got {self.step_voxels}.")
+        look_up_option(self.precision, PRECISIONS)
 
 
 def head_mode_budget(steps: int = HEAD_MODE_STEPS, **kwargs: Any) -> AdaptBudget:
@@ -253,9 +259,16 @@ class _Fitter:
         base: BackboneOutput | None = None,
     ):
         self.model, self.info, self.images, self.targets, self.budget = model, info, images, targets, budget
+        self.autocast = functools.partial(autocast, budget.precision, images.device)
+        # film and lora leave the encoder alone: it runs once here, not at every step (~20% of a step).
+        self.encoded: list[torch.Tensor] | None = None
+        if info.mode != "head" and not ADAPTER_CLASSES[info.mode].adapts_encoder:
+            with torch.no_grad(), self.autocast():
+                self.encoded = model.backbone.encode(images)
         if base is None:
-            with torch.no_grad():
-                base = model.backbone(images)  # identity-adapter features: head init and head-mode cache
+            with torch.no_grad(), self.autocast():
+                # identity-adapter features: head init and head-mode cache
+                base = model.backbone(images, encoded=self.encoded).float()
         if info.mode == "head" and info.kind != "segmentation":
             # Volume-level heads read only the pooled embedding: keep no voxel features, which every step's
             # take() of a leave-one-out fold would otherwise copy whole.
@@ -343,8 +356,10 @@ class _Fitter:
         if self.info.mode == "head":
             return task.head(self.base.take(idx))
         backbone = task.adapter.backbone if isinstance(task.adapter, FullAdapter) else self.model.backbone
-        out = backbone(self.images[idx], adapter=task.adapter)
-        return task.head(out._replace(position=self.base.position[idx]))
+        encoded = None if self.encoded is None else [e[idx] for e in self.encoded]
+        with self.autocast():
+            out = backbone(self.images[idx], adapter=task.adapter, encoded=encoded)
+        return task.head(out.float()._replace(position=self.base.position[idx]))
 
     def fit(
         self, task: TaskAdapter, idx: list[int], steps: int, held_out: list[int] | None = None

@@ -66,6 +66,7 @@ from medmeta_plugin.meta.objectives import task_score
 from medmeta_plugin.networks import ADAPTER_MODES, Backbone3D, MetaModel, load_backbone
 from medmeta_plugin.networks.backbone import BackboneOutput
 from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
+from medmeta_plugin.networks.precision import PRECISIONS, autocast
 
 __all__ = [
     "ATLAS_CHOICES",
@@ -116,6 +117,8 @@ class BenchmarkConfig:
             suites only; phantoms have no geometry to register).
         registration: the transform the atlas prior's registration fits, one of
             :data:`~medmeta_plugin.adapt.registration.REGISTRATION_TRANSFORMS` (as the app's default).
+        precision: of every backbone pass (adaptation, features, scoring), one of
+            :data:`~medmeta_plugin.networks.precision.PRECISIONS`.
     """
 
     suite: str
@@ -132,11 +135,13 @@ class BenchmarkConfig:
     prior_shift: bool = True
     atlas: str = "both"
     registration: str = "affine"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         look_up_option(self.voxel_sample, VOXEL_SAMPLES)
         look_up_option(self.atlas, ATLAS_CHOICES)
         look_up_option(self.registration, REGISTRATION_TRANSFORMS)
+        look_up_option(self.precision, PRECISIONS)
         for head in self.heads:
             look_up_option(head, SEGMENTATION_HEADS)
 
@@ -168,8 +173,8 @@ class _FeatureCache:
     reused while the entry lives.
     """
 
-    def __init__(self, divisor: int) -> None:
-        self.divisor = divisor
+    def __init__(self, divisor: int, precision: str = "fp32") -> None:
+        self.divisor, self.precision = divisor, precision
         self.entries: dict[tuple[str, int], tuple[torch.Tensor, BackboneOutput, float]] = {}
 
     @torch.no_grad()
@@ -180,7 +185,9 @@ class _FeatureCache:
         if key not in self.entries:
             start = time.perf_counter()
             device = next(backbone.parameters()).device
-            out = backbone(_pad(image, self.divisor)[None].to(device)).channel_last()  # as the app's cache
+            with autocast(self.precision, device):
+                out = backbone(_pad(image, self.divisor)[None].to(device))
+            out = out.float().channel_last()  # as the app's cache
             self.entries[key] = (image, out, time.perf_counter() - start)
         _, out, seconds = self.entries[key]
         return out, seconds
@@ -242,17 +249,19 @@ def _score(
     divisor: int,
     cached: tuple[_FeatureCache, str] | None = None,
     priors: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    precision: str = "fp32",
 ) -> float:
     """Mean score over the query cases (Dice, accuracy, or mean absolute error for regression).
 
     With ``cached`` = (cache, backbone family) a head-mode adapter is applied to the cached query features
     instead of running the backbone again (the same numbers: the head-mode adapter is the identity). With
     ``priors`` (an atlas prior and its distance log-odds per query) the logits are fused with them first.
+    ``precision`` is that of the backbone passes.
     """
     device = next(model.parameters()).device
     if task.kind != "segmentation":
         images = torch.stack([_pad(q["image"], divisor) for q in task.query]).to(device)
-        out = model(images, name)
+        out = model(images, name, precision)
         target = torch.tensor([q["target"] for q in task.query], device=device)
         if task.kind == "classification":
             return task_score("classification", out, target)
@@ -264,7 +273,7 @@ def _score(
             cache, family = cached
             logits = model.task(name).head(cache.get(family, model.backbone, q["image"])[0])
         else:
-            logits = model(_pad(q["image"], divisor)[None].to(device), name)
+            logits = model(_pad(q["image"], divisor)[None].to(device), name, precision)
         if priors is not None:
             prior, distance = priors[len(scores)]
             prior = _pad(prior[None], divisor)[0].to(device)
@@ -336,7 +345,7 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
         for h in (heads[m] if t.kind == "segmentation" else ("linear",))
     ]
     fused = {"off": (False,), "on": (True,), "both": (False, True)}[config.atlas]
-    cache = _FeatureCache(divisor)
+    cache = _FeatureCache(divisor, config.precision)
     for task, shots, seed, method, head in tqdm(jobs, desc=f"benchmark {config.suite}"):
         drawn = task.draw_support(shots, seed)
         label = f"{method}@{head}" if len(heads[method]) > 1 else method
@@ -368,11 +377,17 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
         if method == "scratch":
             torch.manual_seed(seed)
             model = MetaModel(Backbone3D(scratch_config).to(device))
-            budget = AdaptBudget(steps=config.steps, head_init=False, early_stopping=False)
+            budget = AdaptBudget(
+                steps=config.steps, head_init=False, early_stopping=False, precision=config.precision
+            )
             mode = "full"
         else:
             model = MetaModel(backbones[family])
-            options = {"voxel_sample": config.voxel_sample, "prior_shift": config.prior_shift}
+            options = {
+                "voxel_sample": config.voxel_sample,
+                "prior_shift": config.prior_shift,
+                "precision": config.precision,
+            }
             if mode == "head":
                 budget = head_mode_budget(config.head_steps, **options)
                 features, extract_seconds = cache.support(family, backbones[family], drawn)
@@ -404,7 +419,7 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
                     "method": label + ("+atlas" if with_atlas else ""),
                     **record,
                     "metric": metric,
-                    "value": _score(model, task, "bench", divisor, cached, priors),
+                    "value": _score(model, task, "bench", divisor, cached, priors, config.precision),
                     "adapt_seconds": report.seconds + extract_seconds + prior_seconds,
                     "peak_mem_mb": _peak_mem_mb(device),
                 }

@@ -1,11 +1,12 @@
-"""Adaptation speed: seconds (and peak memory) of ``adapt`` per mode, side by side, on one machine.
+"""Adaptation speed: seconds (and peak memory) of ``adapt`` per mode and precision, side by side.
 
-Shared machines are noisy, so the modes run interleaved in one process and the report gives each mode's
-time as a ratio to ``head`` mode as well as in seconds.
+Shared machines are noisy, so the modes (and precisions) run interleaved in one process and the report gives
+each one's time as a ratio to ``head`` mode, and to ``fp32`` at the same mode, as well as in seconds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import resource
 import time
@@ -13,11 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.utils import look_up_option
 
 from medmeta_plugin.adapt import AdaptBudget, adapt, head_mode_budget
 from medmeta_plugin.episodes import HELDOUT_FAMILIES, make_case
 from medmeta_plugin.networks import ADAPTER_MODES, MetaModel, load_backbone
 from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD
+from medmeta_plugin.networks.precision import PRECISIONS, uses_bf16
 from medmeta_plugin.transforms import normalize_intensity
 
 __all__ = ["adapt_speed"]
@@ -45,8 +48,9 @@ def adapt_speed(
     repeats: int = 2,
     budget: AdaptBudget | None = None,
     device: str | None = None,
+    precisions: tuple[str, ...] = ("fp32",),
 ) -> dict[str, Any]:
-    """Time ``adapt`` for each mode on ``shots`` phantoms of ``size``^3 voxels.
+    """Time ``adapt`` for each mode and precision on ``shots`` phantoms of ``size``^3 voxels.
 
     Args:
         backbone_path: backbone ``.safetensors``.
@@ -59,18 +63,27 @@ def adapt_speed(
             fixed steps for the others. Every mode fits the product's segmentation head
             (:data:`~medmeta_plugin.networks.heads.DEFAULT_SEGMENTATION_HEAD`).
         device: ``cpu`` or ``cuda``; default: CUDA when available.
+        precisions: backbone precisions to compare
+            (:data:`~medmeta_plugin.networks.precision.PRECISIONS`), interleaved with the modes.
 
     Returns:
-        ``{"device", "shots", "size", "rows"}``; each row holds ``mode``, ``seconds``, ``ratio_to_head``,
-        ``steps`` and ``peak_mem_mb``.
+        ``{"device", "shots", "size", "rows"}``; each row holds ``mode``, ``precision``, ``bf16`` (whether
+        it ran under bfloat16 autocast), ``seconds``, ``ratio_to_head`` (at the same precision),
+        ``ratio_to_fp32`` (at the same mode, None without an ``fp32`` row), ``steps`` and ``peak_mem_mb``.
+
+    Raises:
+        ValueError: for an unknown precision.
     """
+    for precision in precisions:
+        look_up_option(precision, PRECISIONS)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = MetaModel(load_backbone(backbone_path).to(dev).eval())
     support = _support(shots, size, seed=0)
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    info: dict[str, dict[str, float]] = {}
+    runs = [(m, p) for m in modes for p in precisions]
+    times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+    info: dict[tuple[str, str], dict[str, float]] = {}
     for _ in range(repeats):
-        for mode in modes:
+        for mode, precision in runs:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -78,28 +91,33 @@ def adapt_speed(
             mode_budget = budget or (
                 head_mode_budget() if mode == "head" else AdaptBudget(steps=10, early_stopping=False)
             )
+            mode_budget = dataclasses.replace(mode_budget, precision=precision)
             _, report = adapt(
                 model, support, "segmentation", mode, mode_budget, head=DEFAULT_SEGMENTATION_HEAD
             )
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-            times[mode].append(time.perf_counter() - start)
+            times[mode, precision].append(time.perf_counter() - start)
             peak = (
                 torch.cuda.max_memory_allocated(dev) / 2**20
                 if dev.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             )
-            info[mode] = {"steps": report.steps, "peak_mem_mb": peak}
-    head = float(np.median(times["head"])) if "head" in times else None
+            info[mode, precision] = {"steps": report.steps, "peak_mem_mb": peak}
+    median = {run: float(np.median(t)) for run, t in times.items()}
     rows = []
-    for mode in modes:
-        seconds = float(np.median(times[mode]))
+    for mode, precision in runs:
+        head, fp32 = median.get(("head", precision)), median.get((mode, "fp32"))
+        seconds = median[mode, precision]
         rows.append(
             {
                 "mode": mode,
+                "precision": precision,
+                "bf16": uses_bf16(precision, dev),
                 "seconds": seconds,
                 "ratio_to_head": seconds / head if head else None,
-                **info[mode],
+                "ratio_to_fp32": seconds / fp32 if fp32 else None,
+                **info[mode, precision],
             }
         )
     name = (

@@ -186,6 +186,7 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     from medmeta_plugin.benchmarks.fewshot import METHODS, SHIPPED
     from medmeta_plugin.benchmarks.suites import SUITES
     from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
+    from medmeta_plugin.networks.precision import PRECISIONS
 
     p = subparsers.add_parser("benchmark", help="benchmarks that print figures")
     inner = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
@@ -234,6 +235,12 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
         default="affine",
         help="what the atlas prior's registration fits (default affine: rigid, then affine)",
     )
+    f.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="of backbone passes: fp32, bf16 autocast, or auto (bf16 where the CPU or GPU has it natively)",
+    )
     f.add_argument("--out", type=Path, default=Path("results.json"))
     f.add_argument("--plot", type=Path, help="PNG of the metric against shots per method")
     f.set_defaults(func=_benchmark_fewshot)
@@ -244,6 +251,13 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--modes", nargs="+", default=["head", "film", "lora", "full"])
     s.add_argument("--repeats", type=int, default=2)
     s.add_argument("--device", choices=("cpu", "cuda"))
+    s.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=PRECISIONS,
+        default=["fp32"],
+        help="backbone precisions to compare side by side (e.g. fp32 auto)",
+    )
     s.set_defaults(func=_benchmark_speed)
     r = inner.add_parser(
         "probe", help="what a backbone's features give: a head fitted on all support cases, and on the query"
@@ -283,6 +297,7 @@ def _benchmark_fewshot(args: argparse.Namespace) -> int:
         head_steps=args.head_steps,
         atlas=args.atlas,
         registration=args.registration,
+        precision=args.precision,
     )
     results = run_benchmark(config)
     write_results(results, args.out)
@@ -298,14 +313,24 @@ def _benchmark_speed(args: argparse.Namespace) -> int:
     from medmeta_plugin.benchmarks.speed import adapt_speed
 
     result = adapt_speed(
-        args.backbone, args.shots, args.size, tuple(args.modes), args.repeats, device=args.device
+        args.backbone,
+        args.shots,
+        args.size,
+        tuple(args.modes),
+        args.repeats,
+        device=args.device,
+        precisions=tuple(args.precisions),
     )
     print(f"adaptation of {result['shots']} shots at {result['size']}^3 on {result['device']}")
-    print("| mode | seconds | x head | steps | peak mem MB |")
-    print("|---|---|---|---|---|")
+    print("| mode | precision | seconds | x head | x fp32 | steps | peak mem MB |")
+    print("|---|---|---|---|---|---|---|")
     for r in result["rows"]:
-        ratio = f"{r['ratio_to_head']:.1f}" if r["ratio_to_head"] is not None else "-"
-        print(f"| {r['mode']} | {r['seconds']:.2f} | {ratio} | {r['steps']} | {r['peak_mem_mb']:.0f} |")
+        ratios = [f"{r[k]:.2f}" if r[k] is not None else "-" for k in ("ratio_to_head", "ratio_to_fp32")]
+        precision = f"{r['precision']} ({'bf16' if r['bf16'] else 'fp32'})"
+        print(
+            f"| {r['mode']} | {precision} | {r['seconds']:.2f} | {ratios[0]} | {ratios[1]} | {r['steps']} "
+            f"| {r['peak_mem_mb']:.0f} |"
+        )
     return 0
 
 

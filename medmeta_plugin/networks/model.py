@@ -23,6 +23,7 @@ from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks.adapters import Adapter, FullAdapter, build_adapter
 from medmeta_plugin.networks.backbone import Backbone3D, BackboneConfig
 from medmeta_plugin.networks.heads import build_head
+from medmeta_plugin.networks.precision import autocast
 
 __all__ = ["MetaModel", "TaskAdapter", "TaskInfo"]
 
@@ -164,12 +165,14 @@ class MetaModel(nn.Module):
 
     # ----- forward ---------------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, task: str, precision: str = "fp32") -> torch.Tensor:
         """Run F(x) = A(B(x)) for one task.
 
         Args:
             x: images, shape (B, C, X, Y, Z).
             task: task name.
+            precision: of the backbone pass, one of :data:`~medmeta_plugin.networks.precision.PRECISIONS`;
+                the head runs in float32.
 
         Returns:
             Segmentation logits (B, 1, X, Y, Z), classification logits (B, num_classes) or regression values
@@ -177,7 +180,9 @@ class MetaModel(nn.Module):
         """
         t = self.task(task)
         backbone = t.adapter.backbone if isinstance(t.adapter, FullAdapter) else self.backbone
-        return t.head(backbone(x, adapter=t.adapter))
+        with autocast(precision, x.device):
+            out = backbone(x, adapter=t.adapter)
+        return t.head(out.float())
 
     def functional_forward(
         self, x: torch.Tensor, task: str, params: Mapping[str, torch.Tensor]

@@ -249,6 +249,7 @@ def test_cached_features_must_match_the_support(tiny_model: MetaModel) -> None:
         ({"eval_every": 0}, "eval_every"),
         ({"voxel_sample": "stratifed"}, "stratified"),
         ({"step_voxels": -1}, "step_voxels"),
+        ({"precision": "fp16"}, "bf16"),
     ],
 )
 def test_invalid_budget(kwargs: dict, match: str) -> None:
@@ -306,3 +307,20 @@ def test_head_mode_steps_draw_fresh_voxel_subsets_deterministically(tiny_model: 
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
     assert not all(torch.equal(pa, pw) for pa, pw in zip(a.parameters(), whole.parameters()))
+
+
+@pytest.mark.parametrize("mode", ADAPTER_MODES)
+def test_bf16_adaptation_fits_as_float32_does(tiny_model: MetaModel, mode: str) -> None:
+    """bfloat16 backbone passes (``precision="bf16"``) change the numbers a little, not the fit: the head
+    still works in float32, and the support loss falls about as far as in float32."""
+    support = blob_cases(3, seed=4)
+    losses = {}
+    for value in ("fp32", "bf16"):
+        for steps in (0, 15):
+            budget = AdaptBudget(steps=steps, early_stopping=False, lr=0.05, precision=value)
+            task, report = adapt(tiny_model, support, "segmentation", mode, budget, name=value, seed=0)
+            assert all(p.dtype is torch.float32 for p in task.parameters())
+            losses[value, steps] = report.final_support_loss
+    assert losses["bf16", 0] == pytest.approx(losses["fp32", 0], rel=0.05)  # the closed-form head
+    assert losses["bf16", 15] < 0.8 * losses["bf16", 0]
+    assert losses["bf16", 15] < 1.25 * losses["fp32", 15]

@@ -244,6 +244,30 @@ def test_benchmark_records_every_method_on_the_same_episodes(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bf16_benchmark_scores_as_float32_does(backbones: tuple[str, str]) -> None:
+    """Every backbone pass of a run (features, adaptation, scoring) at ``precision="bf16"``: the same
+    episodes score about the same, and the config says how they were run."""
+    values = {}
+    for precision in ("fp32", "bf16"):
+        config = BenchmarkConfig(
+            suite="synthetic-heldout",
+            shots=(1,),
+            seeds=1,
+            methods=("meta+head", "meta+film"),
+            meta_backbone=backbones[0],
+            head_steps=4,
+            steps=2,
+            tasks=("synth_crescent_bright",),
+            precision=precision,
+        )
+        results = run_benchmark(config, device="cpu")
+        assert results["config"]["precision"] == precision
+        values[precision] = {r["method"]: r["value"] for r in results["records"]}
+    assert values["bf16"].keys() == values["fp32"].keys() == {"meta+head", "meta+film"}
+    for method, value in values["fp32"].items():
+        assert values["bf16"][method] == pytest.approx(value, abs=0.05), method
+
+
 def test_synthetic_suite_covers_every_held_out_family() -> None:
     assert {t.name for t in build_suite("synthetic-heldout")} == set(SYNTHETIC_HELDOUT_TASKS)
 
@@ -263,6 +287,7 @@ def test_support_draws_are_seeded_and_distinct() -> None:
         (lambda: parse_methods(["meta+lorra"]), "meta\\+lora"),
         (lambda: BenchmarkConfig(suite="synthetic-heldout", voxel_sample="balance"), "balanced"),
         (lambda: BenchmarkConfig(suite="synthetic-heldout", atlas="yes"), "both"),
+        (lambda: BenchmarkConfig(suite="synthetic-heldout", precision="fp16"), "bf16"),
         (
             lambda: run_benchmark(BenchmarkConfig(suite="synthetic-heldout", methods=("nope",))),
             "unknown methods",
