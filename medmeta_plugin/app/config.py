@@ -18,6 +18,7 @@ from medmeta_plugin.adapt.registration import REGISTRATION_TRANSFORMS
 from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks import ADAPTER_MODES
 from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
+from medmeta_plugin.networks.precision import PRECISIONS
 
 __all__ = ["DEFAULT_BACKBONE", "AppConfig", "parse_conf"]
 
@@ -65,6 +66,10 @@ class AppConfig:
             carried masks, and the head answers where there is no prior (a scan that does not register).
         registration: the transform that registration fits, ``affine`` (rigid first, then affine: patients
             differ in size) or ``rigid`` (scans of one patient, e.g. follow-up).
+        precision: of backbone passes (:data:`~medmeta_plugin.networks.precision.PRECISIONS`): ``fp32``, or
+            ``bf16`` / ``auto`` (bfloat16 autocast; ``auto`` only where the CPU or GPU has it natively): a
+            faster backbone at a small change of its features (``docs/benchmarks/precision.md``); heads
+            stay float32.
     """
 
     backbone: Path = DEFAULT_BACKBONE
@@ -83,6 +88,7 @@ class AppConfig:
     atlas: bool = True
     refine: bool = False
     registration: str = "affine"
+    precision: str = "fp32"
 
     @property
     def label_map(self) -> dict[str, int]:
@@ -207,6 +213,10 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
                 raise ValueError(
                     f"--conf registration must be one of {list(REGISTRATION_TRANSFORMS)}, got {raw!r}."
                 )
+            values[key] = raw
+        elif key == "precision":
+            if raw not in PRECISIONS:
+                raise ValueError(f"--conf precision must be one of {list(PRECISIONS)}, got {raw!r}.")
             values[key] = raw
         elif key in ("score_after_adapt", "atlas", "refine"):
             values[key] = _bool(key, raw)

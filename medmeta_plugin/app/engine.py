@@ -459,7 +459,7 @@ class Engine:
             raise ValueError(f"task {name!r} has no labelled example to adapt from.")
         examples = list(examples)[-self.config.max_shots :]
         support, base = self._support(kind, examples)
-        budget = head_mode_budget(self.config.adapt_steps)
+        budget = head_mode_budget(self.config.adapt_steps, precision=self.config.precision)
         model = self.model
         adapter, report = adapt(
             model,

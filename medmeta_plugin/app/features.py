@@ -22,6 +22,7 @@ from medmeta_plugin.app.config import AppConfig
 from medmeta_plugin.app.grid import WorkingVolume, load_working
 from medmeta_plugin.networks import Backbone3D, BackboneOutput, FullAdapter, TaskAdapter
 from medmeta_plugin.networks.position import body_position
+from medmeta_plugin.networks.precision import autocast
 
 __all__ = ["CACHE_ENTRIES", "FeatureCache", "backbone_output", "file_key"]
 
@@ -53,25 +54,33 @@ def backbone_output(
         backbone: the shared backbone (a ``full`` adapter brings its own copy).
         image: the scan on the working grid, shape (1, C, X, Y, Z), sizes multiples of the size divisor.
         task: a task adapter to run the backbone with (``film``, ``lora``, ``full``), or None.
-        config: ``whole_volume_voxels`` and ``roi`` decide between one pass and a sliding window.
+        config: ``whole_volume_voxels`` and ``roi`` decide between one pass and a sliding window;
+            ``precision`` is that of the passes (the output is float32 either way).
 
     Returns:
         features (1, F, X, Y, Z), embedding (1, E) and position (1, P, X, Y, Z) of the whole scan.
     """
     adapter = task.adapter if task is not None else None
     net = adapter.backbone if isinstance(adapter, FullAdapter) else backbone
-    if image[0, 0].numel() <= config.whole_volume_voxels:
-        return net(image, adapter=adapter)
-    features = sliding_window_inference(
-        image, config.roi, 1, lambda x: net(x, adapter=adapter).features, overlap=0.25, mode="gaussian"
-    )
-    # The embedding is a global pool: take it from the scan shrunk to the whole-volume budget, with at least
-    # two voxels per axis at the coarsest level (instance norm needs more than one).
-    divisor = net.size_divisor
-    factor = (config.whole_volume_voxels / image[0, 0].numel()) ** (1 / 3)
-    size = [max(2 * divisor, int(s * factor) // divisor * divisor) for s in image.shape[2:]]
-    small = torch.nn.functional.interpolate(image, size=size, mode="trilinear", align_corners=False)
-    return BackboneOutput(features, net(small, adapter=adapter).embedding, body_position(image))
+    with autocast(config.precision, image.device):
+        if image[0, 0].numel() <= config.whole_volume_voxels:
+            return net(image, adapter=adapter).float()
+        features = sliding_window_inference(
+            image,
+            config.roi,
+            1,
+            lambda x: net(x, adapter=adapter).features.float(),
+            overlap=0.25,
+            mode="gaussian",
+        )
+        # The embedding is a global pool: take it from the scan shrunk to the whole-volume budget, with at
+        # least two voxels per axis at the coarsest level (instance norm needs more than one).
+        divisor = net.size_divisor
+        factor = (config.whole_volume_voxels / image[0, 0].numel()) ** (1 / 3)
+        size = [max(2 * divisor, int(s * factor) // divisor * divisor) for s in image.shape[2:]]
+        small = torch.nn.functional.interpolate(image, size=size, mode="trilinear", align_corners=False)
+        embedding = net(small, adapter=adapter).embedding.float()
+    return BackboneOutput(features, embedding, body_position(image))
 
 
 class FeatureCache:

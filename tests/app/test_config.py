@@ -34,6 +34,7 @@ def test_defaults_serve_the_shipped_backbone() -> None:
         ({"atlas": "false"}, "atlas", False),
         ({"registration": "rigid"}, "registration", "rigid"),
         ({"refine": "true"}, "refine", True),
+        ({"precision": "auto"}, "precision", "auto"),
     ],
 )
 def test_valid_values(conf: dict[str, str], field: str, expected: object) -> None:
@@ -58,6 +59,7 @@ def test_valid_values(conf: dict[str, str], field: str, expected: object) -> Non
         ({"score_after_adapt": "maybe"}, "score_after_adapt"),
         ({"atlas": "registration"}, "atlas"),
         ({"registration": "bspline"}, "registration must be one of ['rigid', 'affine']"),
+        ({"precision": "fp16"}, "precision must be one of ['fp32', 'bf16', 'auto']"),
         ({"backbone": "/no/such/file.safetensors"}, "no such file"),
     ],
 )

@@ -146,6 +146,21 @@ def test_sliding_window_path_for_large_grids(tmp_path: Path, studies: dict, tiny
     assert base.embedding.shape == (1, engine.model.backbone.embedding_dim)
 
 
+@pytest.mark.parametrize("whole_volume_voxels", ["1000", "4096000"])  # sliding window, one pass
+def test_bf16_precision_gives_float32_features_near_fp32(
+    tmp_path: Path, studies: dict, tiny_backbone: Path, whole_volume_voxels: str
+) -> None:
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        conf = app_conf(tiny_backbone, whole_volume_voxels=whole_volume_voxels, roi="16", precision=precision)
+        engine = Engine(parse_conf(conf), tmp_path / f"model-{precision}")
+        outputs[precision] = engine.working(studies["studies"] / "a.nii.gz")[1]
+    fp32, bf16 = outputs["fp32"], outputs["bf16"]
+    assert bf16.features.dtype is torch.float32 and bf16.embedding.dtype is torch.float32
+    error = (bf16.features - fp32.features).abs()
+    assert 0 < float(error.mean()) <= 0.02 * float(fp32.features.std()), "bf16 was used, and stayed close"
+
+
 def test_atlas_prior_carries_a_structure_to_another_modality(tmp_path: Path, studies: dict) -> None:
     # Scan c with its contrast inverted stands for another modality: the ball the shipped backbone's head
     # learned as bright on scan a is dark there. Scan a, registered onto it by mutual information, still
