@@ -7,8 +7,14 @@ import math
 import pytest
 import torch
 
-from medmeta_plugin.adapt import AdaptBudget, adapt, classification_head_init, segmentation_head_init
-from medmeta_plugin.adapt.adaptation import _voxel_sample
+from medmeta_plugin.adapt import (
+    AdaptBudget,
+    adapt,
+    classification_head_init,
+    head_mode_budget,
+    segmentation_head_init,
+)
+from medmeta_plugin.adapt.adaptation import _held_out_cases, _voxel_sample
 from medmeta_plugin.adapt.head_init import PROTOTYPE_MARGIN
 from medmeta_plugin.meta import task_score
 from medmeta_plugin.networks import ADAPTER_MODES, MetaModel
@@ -250,6 +256,7 @@ def test_cached_features_must_match_the_support(tiny_model: MetaModel) -> None:
         ({"voxel_sample": "stratifed"}, "stratified"),
         ({"step_voxels": -1}, "step_voxels"),
         ({"precision": "fp16"}, "bf16"),
+        ({"loo_folds": 0}, "loo_folds"),
     ],
 )
 def test_invalid_budget(kwargs: dict, match: str) -> None:
@@ -324,3 +331,32 @@ def test_bf16_adaptation_fits_as_float32_does(tiny_model: MetaModel, mode: str) 
     assert losses["bf16", 0] == pytest.approx(losses["fp32", 0], rel=0.05)  # the closed-form head
     assert losses["bf16", 15] < 0.8 * losses["bf16", 0]
     assert losses["bf16", 15] < 1.25 * losses["fp32", 15]
+
+
+@pytest.mark.parametrize(
+    ("k", "folds", "held_out"),
+    [
+        (5, None, [0, 1, 2, 3, 4]),
+        (5, 3, [0, 2, 4]),
+        (8, 4, [0, 2, 5, 7]),
+        (8, 1, [0]),
+        (2, 3, [0, 1]),
+        (3, 3, [0, 1, 2]),
+    ],
+)
+def test_leave_one_out_folds_are_capped_evenly(k: int, folds: int | None, held_out: list[int]) -> None:
+    assert _held_out_cases(k, folds) == held_out
+
+
+def test_capped_leave_one_out_still_chooses_the_step_count(tiny_model: MetaModel) -> None:
+    budget = AdaptBudget(steps=6, eval_every=3, lr=0.05, loo_folds=2)
+    _, report = adapt(tiny_model, blob_cases(4, seed=5), "segmentation", "head", budget)
+    assert report.loo_score is not None and [s for s, _ in report.loo_curve] == [0.0, 3.0, 6.0]
+
+
+def test_the_products_head_mode_budget_caps_leave_one_out() -> None:
+    from medmeta_plugin.adapt.adaptation import HEAD_MODE_LOO_FOLDS
+
+    assert head_mode_budget().loo_folds == HEAD_MODE_LOO_FOLDS
+    assert head_mode_budget(40, loo_folds=None).loo_folds is None
+    assert head_mode_budget(40, eval_every=7).eval_every == 7
