@@ -114,9 +114,9 @@ class AdaptBudget:
 
 
 # Leave-one-out folds of the product's head mode: each fold is a whole fit, so holding out every case made 5
-# shots cost 6 fits and the app's 8 cost 9. On the 10 held-out phantom families at 5 shots, meta+head, 3 held
-# out cases chose step counts as good as 5 (mean Dice equal within 0.002, docs/benchmarks/loo-folds.md) in
-# 0.68x the time.
+# shots cost 6 fits and the app's 8 cost 9. On the 10 held-out phantom families at 5 shots (meta+head,
+# 3 seeds) 3 held-out cases chose step counts about as well as 5: mean Dice 0.530 vs 0.534 (paired 95% CI of
+# the difference -0.017 to +0.011) in 0.67x the time; 8 shots took 0.44x (docs/benchmarks/loo-folds.md).
 HEAD_MODE_LOO_FOLDS = 3
 
 
