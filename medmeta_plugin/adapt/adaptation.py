@@ -7,7 +7,8 @@ with respect to the fast parameters alone, so not even the backbone's ``.grad`` 
 
 - ``head`` mode computes the support features once and caches them: each step costs only the head.
 - With k >= 2 cases the number of steps is chosen by leave-one-out over the support set (fit on k-1,
-  score the held-out case, every ``eval_every`` steps, step 0 included); with k = 1 the budget is fixed.
+  score the held-out case, every ``eval_every`` steps, step 0 included; at most ``loo_folds`` held-out
+  cases); with k = 1 the budget is fixed.
 """
 
 from __future__ import annotations
