@@ -96,6 +96,10 @@ class AppConfig:
         return dict(self.labels)
 
 
+# Keys whose value is one of a fixed set of names, kept as given.
+_CHOICES = {"registration": REGISTRATION_TRANSFORMS, "precision": PRECISIONS}
+
+
 def _floats3(key: str, value: str) -> tuple[float, float, float]:
     parts = [p for p in value.replace(",", " ").split() if p]
     try:
@@ -208,15 +212,9 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
             if not 0.0 < threshold < 1.0:
                 raise ValueError(f"--conf threshold must be a probability in (0, 1), got {raw!r}.")
             values[key] = threshold
-        elif key == "registration":
-            if raw not in REGISTRATION_TRANSFORMS:
-                raise ValueError(
-                    f"--conf registration must be one of {list(REGISTRATION_TRANSFORMS)}, got {raw!r}."
-                )
-            values[key] = raw
-        elif key == "precision":
-            if raw not in PRECISIONS:
-                raise ValueError(f"--conf precision must be one of {list(PRECISIONS)}, got {raw!r}.")
+        elif key in _CHOICES:
+            if raw not in _CHOICES[key]:
+                raise ValueError(f"--conf {key} must be one of {list(_CHOICES[key])}, got {raw!r}.")
             values[key] = raw
         elif key in ("score_after_adapt", "atlas", "refine"):
             values[key] = _bool(key, raw)
