@@ -18,6 +18,8 @@ Example (``sample_apps/backbone/meta_train.yaml`` is the shipped backbone's)::
       real_fraction: 0.3       # share of episodes drawn from real tasks
     checkpoint_every: 100
     log_every: 10
+    amp: true                  # bf16 autocast on a GPU
+    cpu_amp: false             # also on a CPU that computes bf16 natively (AVX512-BF16 / AMX)
 """
 
 from __future__ import annotations
@@ -68,7 +70,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MetaTrainConfig:
-    """Everything a meta-training run needs; see the module docstring for the YAML form."""
+    """Everything a meta-training run needs; see the module docstring for the YAML form.
+
+    ``amp`` runs episodes under bfloat16 autocast on a GPU that supports it; with ``cpu_amp`` as well on a
+    CPU with native bfloat16 (:func:`~medmeta_plugin.networks.precision.native_bf16`).
+    ``cpu_amp`` is off by default: the shipped backbone was trained in float32 on such a CPU, and its
+    config must keep giving the same weights.
+    """
 
     seed: int = 0
     algorithm: str = "anil"
@@ -83,6 +91,7 @@ class MetaTrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     amp: bool = True
+    cpu_amp: bool = False
     init_backbone: str = ""
     base_dir: str = "."
 

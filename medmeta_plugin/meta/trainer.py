@@ -2,7 +2,8 @@
 
 Runs on one CPU or GPU, or on several processes under ``torchrun`` (each process draws its own episodes;
 meta-gradients are averaged with an all-reduce before every outer step, which is what DDP does, written out
-because inner loops are functional and DDP's module wrapper cannot see them). bf16 autocast on CUDA.
+because inner loops are functional and DDP's module wrapper cannot see them). bf16 autocast on a GPU
+(``amp``), and on a CPU with native bf16 if asked (``cpu_amp``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from medmeta_plugin.meta.algorithms import TaskBatch, episode_gradients
 from medmeta_plugin.meta.config import MetaTrainConfig
 from medmeta_plugin.meta.data import build_sampler
 from medmeta_plugin.networks import MetaModel, load_backbone, save_backbone
+from medmeta_plugin.networks.precision import native_bf16
 
 __all__ = ["TrainResult", "episode_to_batch", "meta_train"]
 
@@ -84,6 +86,16 @@ def _save_checkpoint(path: Path, model: MetaModel, optimizer: torch.optim.Optimi
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _uses_bf16(config: MetaTrainConfig, device: torch.device) -> bool:
+    """Whether episodes run under bfloat16 autocast: ``amp`` on a GPU, ``amp`` and ``cpu_amp`` on a CPU, and
+    only where bfloat16 is native (emulated bfloat16 is slower than float32)."""
+    wanted = config.amp and (device.type == "cuda" or config.cpu_amp)
+    if wanted and not native_bf16(device):
+        logger.warning("amp: %s has no native bfloat16; training in float32.", device)
+        return False
+    return wanted
 
 
 def meta_train(
@@ -145,14 +157,15 @@ def meta_train(
             raise ValueError(f"{checkpoint}: does not fit this config ({err}).") from err
     writer = SummaryWriter(str(out_dir / "tensorboard")) if rank == 0 else None
     log_file = (out_dir / "train_log.jsonl").open("a") if rank == 0 else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+    bf16 = _uses_bf16(config, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     params = dict(model.named_parameters())
     window: dict[str, list[float]] = defaultdict(list)
     last_metrics: dict[str, float] = {}
     began = time.perf_counter()
     show = progress and rank == 0
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not show)
-    bar.set_description(f"meta-train {config.algorithm}")
+    bar.set_description(f"meta-train {config.algorithm} ({'bf16' if bf16 else 'fp32'})")
     for step in bar:
         grads: dict[str, torch.Tensor] = {}
         for _ in range(config.meta_batch):
@@ -201,6 +214,7 @@ def meta_train(
                 "tasks": task_names,
                 "steps": config.steps,
                 "processes": world,
+                "precision": "bf16" if bf16 else "fp32",
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "seconds_this_run": round(seconds, 1),
                 "episodes_per_second": round(eps, 3),

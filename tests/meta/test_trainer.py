@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from medmeta_plugin.benchmarks.splits import HELDOUT_STRUCTURES, is_held_out
@@ -20,6 +21,7 @@ from medmeta_plugin.meta.config import load_config
 from medmeta_plugin.meta.data import meta_training_registry
 from medmeta_plugin.meta.trainer import meta_train
 from medmeta_plugin.networks import load_backbone
+from medmeta_plugin.networks.precision import native_bf16
 
 TINY_YAML = {
     "seed": 0,
@@ -68,6 +70,22 @@ def test_meta_train_writes_a_loadable_backbone(tmp_path: Path, algorithm: str) -
     lines = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_cpu_amp_trains_in_bf16_only_where_the_cpu_has_it(tmp_path: Path) -> None:
+    """``cpu_amp`` is recorded and changes the arithmetic where bf16 is native; float32 is the default."""
+    runs = {}
+    for cpu_amp in (False, True):
+        config = load_config(_write_config(tmp_path, cpu_amp=cpu_amp))
+        result = meta_train(config, tmp_path / f"run-{cpu_amp}", progress=False)
+        meta = json.loads(result.backbone_path.with_suffix(".json").read_text())
+        runs[cpu_amp] = (meta["training"]["precision"], load_backbone(result.backbone_path).state_dict())
+    native = native_bf16("cpu")
+    assert runs[False][0] == "fp32" and runs[True][0] == ("bf16" if native else "fp32")
+    for name, weight in runs[True][1].items():
+        assert torch.isfinite(weight).all(), name
+    same = all(torch.equal(runs[False][1][n], w) for n, w in runs[True][1].items())
+    assert same != native, "bf16 autocast must change the weights where it is used, and only there"
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
