@@ -133,7 +133,14 @@ def atlas_prior(
     for case in cases:
         registration = cache.get(query_key, query, query_affine, case)
         carried.append(
-            warp_to(case.mask.astype(np.float32), case.affine, shape, query_affine, registration.matrix)
+            warp_to(
+                case.mask.astype(np.float32),
+                case.affine,
+                shape,
+                query_affine,
+                registration.matrix,
+                registration.bspline,
+            )
         )
     prior = np.mean(carried, axis=0)
     # A majority vote of masks that do not coincide shrinks thin structures (the insula, a ribbon of cortex,

@@ -65,7 +65,8 @@ class AppConfig:
             made them worse (``docs/benchmarks/atlas.md``). Without it, a structure with a prior is its
             carried masks, and the head answers where there is no prior (a scan that does not register).
         registration: the transform that registration fits, ``affine`` (rigid first, then affine: patients
-            differ in size) or ``rigid`` (scans of one patient, e.g. follow-up).
+            differ in size), ``bspline`` (then a coarse deformation: organs sit differently in two
+            patients) or ``rigid`` (scans of one patient, e.g. follow-up).
         precision: of backbone passes (:data:`~medmeta_plugin.networks.precision.PRECISIONS`): ``fp32``, or
             ``bf16`` / ``auto`` (bfloat16 autocast; ``auto`` only where the CPU or GPU has it natively): a
             faster backbone at a small change of its features (``docs/benchmarks/precision.md``); heads

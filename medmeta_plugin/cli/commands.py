@@ -231,9 +231,10 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     )
     f.add_argument(
         "--registration",
-        choices=("rigid", "affine"),
+        choices=("rigid", "affine", "bspline"),  # REGISTRATION_TRANSFORMS, without importing ITK here
         default="affine",
-        help="what the atlas prior's registration fits (default affine: rigid, then affine)",
+        help="what the atlas prior's registration fits (default affine: rigid, then affine; bspline: "
+        "then a coarse deformation)",
     )
     f.add_argument(
         "--precision",

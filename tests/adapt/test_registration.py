@@ -6,6 +6,7 @@ import itk
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from medmeta_plugin.adapt.atlas import (
     HEAD_LIMIT,
@@ -125,6 +126,34 @@ def test_deterministic_registration_repeats_exactly(phantom: tuple[np.ndarray, .
     assert first.metric == second.metric
 
 
+def _bulged(image: np.ndarray, mask: np.ndarray, shift_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """The phantom with its first structure's neighbourhood pushed ``shift_mm`` along x and the rest of the
+    body left in place: a deformation no global transform undoes."""
+    centre = np.argwhere(mask > 0.5).mean(0)
+    grid = np.indices(image.shape, dtype=np.float64)
+    weight = np.exp(-((grid - centre[:, None, None, None]) ** 2).sum(0) / (2 * 6.0**2))
+    grid[0] -= weight * shift_mm / 2.0  # voxels of 2 mm; pulling the sample point back pushes content on
+    moved = ndimage.map_coordinates(image, grid, order=1, mode="nearest")
+    return moved.astype(np.float32), ndimage.map_coordinates(mask, grid, order=1)
+
+
+def test_bspline_stage_follows_a_local_deformation(phantom: tuple[np.ndarray, ...]) -> None:
+    image, mask, affine = phantom
+    moving, moving_mask = _bulged(image, mask, shift_mm=8.0)
+    with deterministic_registration():
+        global_fit = register(image, affine, moving, affine, transform="affine")
+        deformed = register(image, affine, moving, affine, transform="bspline")
+        again = register(image, affine, moving, affine, transform="bspline")
+    assert global_fit.bspline is None and deformed.transform == "bspline" and deformed.bspline is not None
+    np.testing.assert_array_equal(deformed.bspline[1], again.bspline[1])  # repeats on one ITK thread
+
+    def carried(result: Registration) -> float:
+        out = warp_to(moving_mask, affine, image.shape, affine, result.matrix, result.bspline)
+        return _dice(out > 0.5, mask > 0.5)
+
+    assert carried(deformed) > carried(global_fit) + 0.05
+
+
 def test_atlas_prior_caches_each_pair_once(phantom: tuple[np.ndarray, ...]) -> None:
     image, mask, affine = phantom
     moving_affine = _moved(image, affine, (4.0, 0.0, -6.0))
@@ -204,7 +233,7 @@ def test_soft_tissue_window_ignores_air_and_bone() -> None:
         ({"fixed_affine": np.zeros((4, 4))}, "invertible"),
         ({"moving": np.full((4, 4, 4), np.nan)}, "NaN"),
         ({"start_step_mm": 0.0}, "start_step_mm"),
-        ({"transform": "bspline"}, "unknown transform"),
+        ({"transform": "demons"}, "unknown transform"),
         ({"max_scale": 1.0}, "max_scale"),
     ],
 )

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medmeta_plugin.cli.main import main
+from medmeta_plugin.adapt.registration import REGISTRATION_TRANSFORMS
+from medmeta_plugin.cli.main import build_parser, main
 from medmeta_plugin.io import ImageMeta, write_image
 
 
@@ -65,3 +66,13 @@ def test_errors_exit_2_with_a_message(
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("medmeta ") and match in err
+
+
+def test_benchmark_offers_every_registration_transform() -> None:
+    """The CLI lists the transforms without importing ITK; they must stay those the library fits."""
+    parser = build_parser()
+    command = ["benchmark", "fewshot", "--suite", "brain-dev", "--registration"]
+    for transform in REGISTRATION_TRANSFORMS:
+        assert parser.parse_args([*command, transform]).registration == transform
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "demons"])
