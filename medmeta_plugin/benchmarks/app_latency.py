@@ -120,6 +120,7 @@ def run_app_benchmark(
     scratch_steps: int = 30,
     work: Path | None = None,
     pair: str = "abdomen-ct-to-mr",
+    conf: list[tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) on one of :data:`PAIRS` and return its records.
 
@@ -128,6 +129,7 @@ def run_app_benchmark(
         scratch_steps: steps of the from-scratch baseline per structure (0 skips it).
         work: working folder (default: a new temporary one).
         pair: key of :data:`PAIRS`.
+        conf: the app's ``--conf`` settings, ``[(key, value), ...]`` (e.g. ``[("registration", "bspline")]``).
 
     Raises:
         ValueError: for an unknown pair, or a structure that is not held out or not labelled in both scans.
@@ -169,7 +171,8 @@ def run_app_benchmark(
     copy_app(app)
     records, server = [], {}
     start = time.perf_counter()
-    with running_server(str(studies), app, work / "server.log") as (url, process):
+    settings = [[str(k), str(v)] for k, v in conf or []]
+    with running_server(str(studies), app, work / "server.log", conf=settings) as (url, process):
         server["startup_s"] = round(time.perf_counter() - start, 2)
         client = MONAILabelClient(url, tmpdir=str(work / "client"))
         (work / "client").mkdir(exist_ok=True)
@@ -230,6 +233,7 @@ def run_app_benchmark(
         "pair": {"name": pair, "support": scans.support, "query": scans.query},
         "device": f"{device}, {torch.get_num_threads()} torch threads in the benchmark process",
         "scratch_steps": scratch_steps,
+        "conf": dict(settings),
         "server": server,
         "records": records,
     }

@@ -25,6 +25,13 @@ def add_parsers(inner: argparse._SubParsersAction) -> None:
     )
     a.add_argument("--structures", nargs="+", help="held-out structures (default: the pair's)")
     a.add_argument("--scratch-steps", type=int, default=30, help="from-scratch baseline steps (0: skip)")
+    a.add_argument(
+        "--conf",
+        nargs=2,
+        action="append",
+        metavar=("KEY", "VALUE"),
+        help="an app setting for the server, as monailabel start_server --conf (repeatable)",
+    )
     a.add_argument("--out", type=Path, default=Path("results_app.json"))
     a.set_defaults(func=_app)
     s = inner.add_parser(
@@ -48,7 +55,7 @@ def _app(args: argparse.Namespace) -> int:
     from medmeta_plugin.benchmarks.app_latency import run_app_benchmark, summarise_app
 
     structures = tuple(args.structures) if args.structures else None
-    results = run_app_benchmark(structures, args.scratch_steps, pair=args.pair)
+    results = run_app_benchmark(structures, args.scratch_steps, pair=args.pair, conf=args.conf)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"app benchmark on {results['device']}")
     print(summarise_app(results))
