@@ -51,7 +51,9 @@ class MedMetaRuntime:
         its current labels (none yet on this backbone, or labels added or replaced since)."""
         self.worker.start()
         if self.config.atlas:  # ITK's first registration loads its modules (~12 s): not on a user's request
-            threading.Thread(target=warm_up, name="medmeta-itk-warm-up", daemon=True).start()
+            threading.Thread(
+                target=warm_up, args=(self.config.registration,), name="medmeta-itk-warm-up", daemon=True
+            ).start()
         stale = []
         for task, entry in collect_examples(self.datastore, self.config.label_map).items():
             meta = self.engine.served_meta(task)

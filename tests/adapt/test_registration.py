@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from medmeta_plugin.adapt import registration
 from medmeta_plugin.adapt.atlas import (
     HEAD_LIMIT,
     PRIOR_MM_PER_LOGIT,
@@ -18,6 +19,7 @@ from medmeta_plugin.adapt.atlas import (
     prior_logits,
 )
 from medmeta_plugin.adapt.registration import (
+    REGISTRATION_TRANSFORMS,
     Registration,
     deterministic_registration,
     register,
@@ -25,6 +27,7 @@ from medmeta_plugin.adapt.registration import (
     soft_tissue_window,
     warp_to,
 )
+from medmeta_plugin.app.priors import warm_up
 from medmeta_plugin.episodes import make_case
 
 
@@ -153,6 +156,25 @@ def test_bspline_stage_follows_a_local_deformation(phantom: tuple[np.ndarray, ..
 
     assert carried(deformed) > carried(global_fit) + 0.05
 
+    # warp_to samples the deformation as a displacement field; ITK's own resampling through the B-spline
+    # (every voxel evaluated) must give the same mask.
+    composite = itk.CompositeTransform[itk.D, 3].New()
+    lps = registration._LPS @ deformed.matrix @ registration._LPS
+    linear = itk.AffineTransform[itk.D, 3].New()
+    linear.SetMatrix(itk.matrix_from_array(np.ascontiguousarray(lps[:3, :3])))
+    linear.SetTranslation([float(t) for t in lps[:3, 3]])
+    composite.AddTransform(linear)
+    composite.AddTransform(registration._bspline(*deformed.bspline))
+    moving_itk = registration._to_itk(moving_mask, affine)
+    exact = itk.resample_image_filter(
+        moving_itk,
+        transform=composite,
+        reference_image=registration._to_itk(np.zeros(image.shape, np.float32), affine),
+        use_reference_image=True,
+    )
+    fast = warp_to(moving_mask, affine, image.shape, affine, deformed.matrix, deformed.bspline)
+    np.testing.assert_allclose(fast, itk.array_from_image(exact).transpose(2, 1, 0), atol=0.05)
+
 
 def test_atlas_prior_caches_each_pair_once(phantom: tuple[np.ndarray, ...]) -> None:
     image, mask, affine = phantom
@@ -273,3 +295,13 @@ def test_several_carried_masks_keep_a_thin_structure_s_volume() -> None:
     assert (np.mean(masks, axis=0) >= 0.5).sum() == 0, "a majority vote loses the ribbon"
     kept = prior >= 0.5
     assert kept.sum() >= 64 and not (kept & ~union).any()  # at least one ribbon's volume, all of it carried
+
+
+@pytest.mark.parametrize("transform", REGISTRATION_TRANSFORMS)
+def test_app_warm_up_runs_the_whole_path_of_each_transform(transform: str) -> None:
+    """The app's background warm-up registers and carries a mask with the configured transform."""
+    prior = warm_up(transform)
+    blob = np.zeros((24, 24, 24), bool)
+    blob[6:18, 6:18, 6:18] = True  # where the warm-up's volume is bright; its mask also holds noise voxels
+    assert prior.shape == blob.shape
+    assert prior[blob].mean() > 0.85 and prior[~blob].mean() < 0.25
