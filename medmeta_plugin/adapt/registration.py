@@ -76,7 +76,7 @@ REGISTRATION_TRANSFORMS = ("rigid", "affine", "bspline")
 BSPLINE_MESH = 3
 BSPLINE_ITERATIONS = 30
 BSPLINE_SAMPLES = 10_000
-_BSPLINE_SEED = 7
+_SAMPLING_SEED = 7
 
 
 @dataclass(frozen=True)
@@ -185,19 +185,40 @@ def _shrunk(image: itk.Image, factor: int) -> itk.Image:
 
 
 def _run(
-    fixed: itk.Image, moving: itk.Image, transform: itk.Transform, iterations: int, step_mm: float = 2.0
+    fixed: itk.Image,
+    moving: itk.Image,
+    transform: itk.Transform,
+    iterations: int,
+    step_mm: float = 2.0,
+    *,
+    min_step_mm: float = 0.05,
+    relaxation: float = 0.6,
+    physical_scales: bool = True,
+    max_samples: int | None = None,
 ) -> float:
-    """Optimise ``transform`` in place; ``step_mm``: the first step, in mm of largest voxel shift."""
+    """Optimise ``transform`` in place by Mattes mutual information and return the final metric.
+
+    Args:
+        step_mm: the first step, in mm of largest voxel shift (with ``physical_scales``; else in parameter
+            units); each step that overshoots shrinks it by ``relaxation``, down to ``min_step_mm``.
+        physical_scales: scale parameters by the voxel shift they cause (ITK's estimator: cheap for a
+            rigid or affine transform, as costly as the fit for a B-spline's hundreds of parameters).
+        max_samples: evaluate the metric on at most this many fixed voxels (a seeded regular grid).
+    """
     image_type = itk.Image[itk.F, 3]
     metric = itk.MattesMutualInformationImageToImageMetricv4[image_type, image_type].New(
         NumberOfHistogramBins=32
     )
     optimizer = itk.RegularStepGradientDescentOptimizerv4[itk.D].New(
-        LearningRate=step_mm, MinimumStepLength=0.05, NumberOfIterations=iterations, RelaxationFactor=0.6
+        LearningRate=step_mm,
+        MinimumStepLength=min_step_mm,
+        NumberOfIterations=iterations,
+        RelaxationFactor=relaxation,
     )
-    optimizer.SetScalesEstimator(
-        itk.RegistrationParameterScalesFromPhysicalShift[type(metric)].New(Metric=metric)
-    )
+    if physical_scales:
+        optimizer.SetScalesEstimator(
+            itk.RegistrationParameterScalesFromPhysicalShift[type(metric)].New(Metric=metric)
+        )
     method = itk.ImageRegistrationMethodv4[image_type, image_type].New(
         FixedImage=fixed,
         MovingImage=moving,
@@ -209,6 +230,11 @@ def _run(
     method.SetNumberOfLevels(1)  # the caller passes images already smoothed and shrunk
     method.SetShrinkFactorsPerLevel([1])
     method.SetSmoothingSigmasPerLevel([0])
+    voxels = int(np.prod(itk.size(fixed)))
+    if max_samples is not None and voxels > max_samples:
+        method.SetMetricSamplingStrategy(itk.ImageRegistrationMethodv4Enums.MetricSamplingStrategy_REGULAR)
+        method.SetMetricSamplingPercentage(max_samples / voxels)
+        method.MetricSamplingReinitializeSeed(_SAMPLING_SEED)
     method.Update()
     return float(optimizer.GetValue())
 
@@ -294,36 +320,21 @@ def _bspline_stage(
     itk.BSplineTransformInitializer[type(bspline), image_type].New(
         Transform=bspline, Image=fixed, TransformDomainMeshSize=[BSPLINE_MESH] * 3
     ).InitializeTransform()
-    metric = itk.MattesMutualInformationImageToImageMetricv4[image_type, image_type].New(
-        NumberOfHistogramBins=32
-    )
-    # Parameters are control-point shifts in mm, so steps are in mm without a scales estimator (which
-    # costs as much as the fit for several hundred parameters).
-    optimizer = itk.RegularStepGradientDescentOptimizerv4[itk.D].New(
-        LearningRate=2.0, MinimumStepLength=0.01, NumberOfIterations=BSPLINE_ITERATIONS, RelaxationFactor=0.7
-    )
-    method = itk.ImageRegistrationMethodv4[image_type, image_type].New(
-        FixedImage=fixed,
-        MovingImage=aligned,
-        Metric=metric,
-        Optimizer=optimizer,
-        InitialTransform=bspline,
-        InPlace=True,
-    )
-    method.SetNumberOfLevels(1)
-    method.SetShrinkFactorsPerLevel([1])
-    method.SetSmoothingSigmasPerLevel([0])
-    voxels = int(np.prod(itk.size(fixed)))
-    if voxels > BSPLINE_SAMPLES:
-        method.SetMetricSamplingStrategy(itk.ImageRegistrationMethodv4Enums.MetricSamplingStrategy_REGULAR)
-        method.SetMetricSamplingPercentage(BSPLINE_SAMPLES / voxels)
-        method.MetricSamplingReinitializeSeed(_BSPLINE_SEED)
-    try:
-        method.Update()
+    try:  # parameters are control-point shifts in mm, so steps are in mm without the scales estimator
+        value = _run(
+            fixed,
+            aligned,
+            bspline,
+            BSPLINE_ITERATIONS,
+            2.0,
+            min_step_mm=0.01,
+            relaxation=0.7,
+            physical_scales=False,
+            max_samples=BSPLINE_SAMPLES,
+        )
     except RuntimeError:  # too little overlap, or a fit that left the image
         return None
-    parameters = (np.array(bspline.GetFixedParameters()), np.array(bspline.GetParameters()))
-    return parameters, float(optimizer.GetValue())
+    return (np.array(bspline.GetFixedParameters()), np.array(bspline.GetParameters())), value
 
 
 def register(
