@@ -14,6 +14,7 @@ Example (``sample_apps/backbone/meta_train.yaml`` is the shipped backbone's)::
       synthetic_cases: 200     # phantoms of the meta-training families
       synthetic_shape: [48, 48, 48]
       real: [../shared/data/real]  # case folders; benchmark-held-out structures are always removed
+      real_cases: [brain_mni152, ct_abdomen_a]  # only these cases of those datasets; [] (default): all
       real_copies: 4           # deformed copies per real case
       real_fraction: 0.3       # share of episodes drawn from real tasks
     checkpoint_every: 100
@@ -32,6 +33,7 @@ import yaml
 from monai.utils import look_up_option
 
 from medmeta_plugin.meta.algorithms import ALGORITHMS, InnerConfig
+from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks.backbone import BackboneConfig
 
 __all__ = ["DataConfig", "EpisodeShape", "MetaTrainConfig", "load_config"]
@@ -55,6 +57,10 @@ class DataConfig:
         synthetic_cases: phantoms drawn from the meta-training families (0 for none).
         synthetic_shape: their spatial shape.
         real: case-folder datasets or datalist JSON files; relative paths are relative to the config file.
+        real_cases: the cases of those datasets to use, by case id (a case folder's name, a datalist entry's
+            ``id``) or as ``"<dataset>:<case id>"`` where two datasets share an id; empty uses every case.
+            A config that must keep giving the same task pool lists its cases, so a case added to a dataset
+            folder later does not join it. An id that no dataset holds is an error when the pool is built.
         real_copies: deformed copies of each real case, so structures seen in one scan can form episodes.
         real_fraction: probability that an episode's task is a real one (when both kinds exist).
         exclude: further task names or glob patterns to leave out (held-out ones are always left out).
@@ -63,9 +69,27 @@ class DataConfig:
     synthetic_cases: int = 200
     synthetic_shape: tuple[int, int, int] = (48, 48, 48)
     real: tuple[str, ...] = ()
+    real_cases: tuple[str, ...] = ()
     real_copies: int = 4
     real_fraction: float = 0.3
     exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        cases = self.real_cases
+        if isinstance(cases, str) or not isinstance(cases, tuple | list):
+            raise ValueError(f"data.real_cases must be a list of case ids, got {cases!r}.")
+        for case in cases:
+            dataset, case_id = case.split(":", 1) if isinstance(case, str) and ":" in case else (None, case)
+            if dataset is not None:
+                validate_name(dataset, "dataset name in data.real_cases")
+            validate_name(case_id, "case id in data.real_cases")
+        repeated = sorted({c for c in cases if cases.count(c) > 1})
+        if repeated:
+            raise ValueError(f"data.real_cases lists {repeated} more than once.")
+        if cases and not self.real:
+            raise ValueError(
+                f"data.real_cases lists {list(cases)}, but data.real names no dataset to take them from."
+            )
 
 
 @dataclass(frozen=True)
