@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import logging
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from medmeta_plugin.benchmarks.splits import is_held_out
 from medmeta_plugin.episodes import (
     META_TRAIN_FAMILIES,
+    Case,
     EpisodeConfig,
     EpisodeSampler,
     TaskRegistry,
@@ -22,6 +24,9 @@ __all__ = ["build_sampler", "meta_training_registry"]
 
 logger = logging.getLogger(__name__)
 
+# A datalist can hold hundreds of cases; an error message lists this many ids and then the count.
+_MAX_LISTED = 40
+
 
 def _without_held_out(registry: TaskRegistry, extra: tuple[str, ...] = ()) -> TaskRegistry:
     held = [name for name in registry.names() if is_held_out(name)]
@@ -32,18 +37,44 @@ def _without_held_out(registry: TaskRegistry, extra: tuple[str, ...] = ()) -> Ta
     return registry.filter(exclude=present) if present else registry
 
 
+def _chosen_cases(cases: dict[str, Case], wanted: tuple[str, ...]) -> set[str]:
+    """The uids of ``cases`` that ``wanted`` names, by case id or uid (``data.real_cases``).
+
+    Raises:
+        ValueError: if a name matches no case; the message suggests close ids and lists the cases.
+    """
+    ids = sorted({c.case_id for c in cases.values()})
+    chosen = set()
+    for name in wanted:
+        hits = {u for u, c in cases.items() if name in (u, c.case_id)}
+        if not hits:
+            close = difflib.get_close_matches(name, ids, n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            listed = ", ".join(ids[:_MAX_LISTED]) + (
+                f", ... ({len(ids)} in all)" if len(ids) > _MAX_LISTED else ""
+            )
+            raise ValueError(
+                f"data.real_cases: case {name!r} is in none of the data.real datasets.{hint} "
+                f"Cases: {listed or '(none)'}."
+            )
+        chosen |= hits
+    return chosen
+
+
 def meta_training_registry(config: MetaTrainConfig) -> tuple[TaskRegistry, TaskRegistry]:
     """Build the synthetic and the real meta-training registries.
 
     Held-out tasks (:mod:`medmeta_plugin.benchmarks.splits`) are removed unconditionally, before any other
-    filter, so no configuration can leak an evaluated structure into meta-training.
+    filter, so no configuration can leak an evaluated structure into meta-training. Then only the cases that
+    ``data.real_cases`` lists are kept (all when it is empty).
 
     Returns:
         ``(synthetic, real)``; either may be empty. Real cases are replaced by ``real_copies`` deformed
         copies each, and only tasks with enough cases for an episode are kept.
 
     Raises:
-        ValueError: if a real dataset path does not exist or cannot be read.
+        ValueError: if a real dataset path does not exist or cannot be read, or ``data.real_cases`` names a
+            case that none of the datasets holds.
     """
     data = config.data
     needed = config.episodes.k_support + config.episodes.q_query
@@ -53,7 +84,7 @@ def meta_training_registry(config: MetaTrainConfig) -> tuple[TaskRegistry, TaskR
             META_TRAIN_FAMILIES, data.synthetic_cases, seed=config.seed, shape=data.synthetic_shape
         )
         synthetic = _without_held_out(synthetic, data.exclude).filter(min_cases=needed)
-    real = TaskRegistry()
+    read = TaskRegistry()
     for entry in data.real:
         path = Path(entry)
         if not path.is_absolute():
@@ -61,9 +92,14 @@ def meta_training_registry(config: MetaTrainConfig) -> tuple[TaskRegistry, TaskR
         if not path.exists():
             raise ValueError(f"data.real: {path} does not exist.")
         part = TaskRegistry.from_datalist(path) if path.suffix == ".json" else TaskRegistry.from_folder(path)
-        real = real.merge(part)
-    if len(real):
-        cases = {c.uid: c for task in real for c in task.cases}
+        read = read.merge(part)
+    cases = {c.uid: c for task in _without_held_out(read) for c in task.cases}
+    if data.real_cases:
+        # Named among all cases read: one whose structures are all held out (a tumour scan) is no typo.
+        chosen = _chosen_cases({c.uid: c for task in read for c in task.cases}, data.real_cases)
+        cases = {u: c for u, c in cases.items() if u in chosen}
+    real = TaskRegistry()
+    if cases:
         copies = deformed_copies([cases[u] for u in sorted(cases)], data.real_copies, seed=config.seed)
         # The copies carry every structure of their scan again: filter the rebuilt registry.
         real = _without_held_out(TaskRegistry.from_cases(copies), data.exclude).filter(min_cases=needed)
