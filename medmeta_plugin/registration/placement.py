@@ -1,0 +1,305 @@
+"""Global placement: where one scan lies in another, over the whole extent of both, and how sure that is.
+
+Local registration (:mod:`~medmeta_plugin.registration.stages`) only finds the optimum nearest to where it
+starts. Two scans of different patients, scanners or fields of view (a 40 mm slab against a whole abdomen,
+a brain at another scanner pose) start anywhere, so a placement stage finds the start first:
+
+1. Both scans are resampled onto coarse axis-aligned RAS grids (:func:`~medmeta_plugin.registration.grids.
+   search_grid`): voxel order, header orientation and spacing no longer matter.
+2. For every integer shift of one grid against the other (the whole extent of both, by FFT), the
+   similarity of :mod:`~medmeta_plugin.registration.similarity` over the overlap of the two fields of view,
+   kept only where the bodies overlap by at least ``min_overlap`` of the smaller body. With ``rotations``
+   the fixed grid is also turned by each rotation first (the patient's own pose).
+3. The best ``peaks`` shifts per rotation, at least ``separation_mm`` apart, are candidates; the best
+   ``refine`` of them are refined by a rigid registration at the coarse level and scored again.
+4. The best refined candidate is the placement. Its confidence comes from how far it stands out: its
+   score, and its margin over the best refined candidate that puts the scan more than ``distinct_mm``
+   elsewhere (a second, different answer that is nearly as good is a guess, not a finding).
+
+Every matrix maps a fixed (query) world point, RAS mm, to the moving (support) world point on it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from medmeta_plugin.registration.grids import SearchGrid, check_volume, search_grid, soft_tissue_window
+from medmeta_plugin.registration.itk_bridge import euler_from_matrix, matrix_from_transform, shrunk, to_itk
+from medmeta_plugin.registration.similarity import (
+    Correlator,
+    MovingSpectra,
+    resample_grid,
+    shift_maps,
+    similarity_at,
+)
+from medmeta_plugin.registration.stages import optimise
+
+__all__ = ["Placement", "PlacementConfig", "place", "rotation_matrix"]
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Settings of :func:`place`; the defaults are the app's and the benchmarks'.
+
+    Attributes:
+        spacing_mm: the search grids' voxel size.
+        bins: intensity classes per scan for mutual information (air plus body quantiles).
+        min_overlap: least body overlap of a candidate, as a fraction of the smaller scan's body.
+        peaks: candidates kept per rotation; separation_mm: least distance between two of them.
+        rotations: rotation vectors (degrees, RAS) of the fixed scan tried; ``(0, 0, 0)`` must be first.
+        refine: best candidates refined by a rigid registration and scored again.
+        distinct_mm: a candidate farther than this from the best (at the fixed scan's body centre) is a
+            different answer; the best of those sets the margin.
+        threshold: least confidence of a placement that is served as sure.
+    """
+
+    spacing_mm: float = 6.0
+    bins: int = 6
+    min_overlap: float = 0.3
+    peaks: int = 4
+    separation_mm: float = 25.0
+    rotations: tuple[tuple[float, float, float], ...] = ((0.0, 0.0, 0.0),)
+    refine: int = 4
+    distinct_mm: float = 30.0
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.spacing_mm <= 20.0:
+            raise ValueError(f"spacing_mm must be in [1, 20] mm, got {self.spacing_mm}.")
+        if not 3 <= self.bins <= 16:
+            raise ValueError(f"bins must be in [3, 16], got {self.bins}.")
+        if not 0.0 < self.min_overlap <= 1.0:
+            raise ValueError(f"min_overlap must be in (0, 1], got {self.min_overlap}.")
+        if self.peaks < 1 or self.refine < 1:
+            raise ValueError(f"peaks and refine must be >= 1, got {self.peaks} and {self.refine}.")
+        if not self.rotations or tuple(self.rotations[0]) != (0.0, 0.0, 0.0):
+            raise ValueError(f"rotations must start with (0, 0, 0), got {self.rotations}.")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the fixed scan lies in the moving one (the start of the local registration stages).
+
+    Attributes:
+        matrix: 4x4 world transform (RAS mm), fixed point -> moving point, rigid.
+        score: the chosen candidate's similarity (z-score units of this pair's shift maps).
+        margin: its score minus that of the best candidate placing the scan more than ``distinct_mm``
+            away (``score`` itself when there is none).
+        overlap: body overlap at the placement, as a fraction of the smaller scan's body.
+        confidence: in [0, 1], from score and margin (:func:`confidence`).
+        sure: ``confidence >= threshold``: the placement is served as a finding, else flagged as a guess.
+        seconds: wall time.
+        candidates: (score, matrix) of every refined candidate, best first.
+    """
+
+    matrix: np.ndarray
+    score: float
+    margin: float
+    overlap: float
+    confidence: float
+    sure: bool
+    seconds: float
+    candidates: tuple[tuple[float, np.ndarray], ...] = field(default=(), repr=False)
+
+    def to_dict(self) -> dict[str, float | bool]:
+        """The figures a client is told (rounded), for the infer response and the log."""
+        return {
+            "confidence": round(self.confidence, 3),
+            "sure": self.sure,
+            "score": round(self.score, 2),
+            "margin": round(self.margin, 2),
+            "overlap": round(self.overlap, 3),
+        }
+
+
+def rotation_matrix(rotation_deg: tuple[float, float, float] | np.ndarray) -> np.ndarray:
+    """The 3x3 rotation of a rotation vector in degrees (axis times angle, Rodrigues' formula)."""
+    vector = np.deg2rad(np.asarray(rotation_deg, dtype=np.float64))
+    angle = float(np.linalg.norm(vector))
+    if angle < 1e-12:
+        return np.eye(3)
+    k = vector / angle
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+
+
+# How confidence is computed from score and margin: a logistic curve fitted on the development pairs of the
+# field-of-view suite (docs/benchmarks/placement.md), where a placement is wrong if it is more than 30 mm
+# from the truth along the body axis.
+CONFIDENCE_WEIGHTS = (1.0, 1.0, -3.0)  # score, margin, bias
+# Voxels the rigid refinement of a candidate samples (a seeded regular grid): 0.09 s a candidate where all
+# of a 6 mm grid's voxels took 0.2-0.5 s, for a start that the local stages refine again anyway.
+REFINE_SAMPLES = 10_000
+
+
+def confidence(score: float, margin: float) -> float:
+    """The probability, by the development suite, that a placement of this score and margin is right."""
+    w_score, w_margin, bias = CONFIDENCE_WEIGHTS
+    return float(1.0 / (1.0 + np.exp(-(w_score * score + w_margin * margin + bias))))
+
+
+def _rotated(grid: SearchGrid, rotation: np.ndarray, centre: np.ndarray, bins: int) -> SearchGrid:
+    """The grid's content turned by ``rotation`` about ``centre`` (RAS mm), resampled onto the same grid."""
+    turn = np.eye(4)
+    turn[:3, :3] = rotation
+    turn[:3, 3] = centre - rotation @ centre
+    # content'(p) = content(turn^-1 p): resample through turn^-1 as a fixed -> moving matrix onto itself
+    image, classes, fov = resample_grid(grid, grid, np.linalg.inv(turn))
+    return SearchGrid(image, fov, classes, grid.affine)
+
+
+def _body_centre(grid: SearchGrid) -> np.ndarray:
+    """World position (RAS mm) of the body's centre of mass on a grid, shape (3,)."""
+    index = grid.body.nonzero().double().mean(0).numpy() if grid.body.any() else np.array(grid.body.shape) / 2
+    return (grid.affine @ np.r_[index, 1.0])[:3]
+
+
+class _Scorer:
+    """A refined candidate's score on the scale of the identity rotation's shift maps."""
+
+    def __init__(self, fixed: SearchGrid, moving: SearchGrid, bins: int, stats: tuple[float, ...]) -> None:
+        self.fixed, self.moving, self.bins, self.stats = fixed, moving, bins, stats
+
+    def __call__(self, matrix: np.ndarray) -> tuple[float, int]:
+        mi, gradients, overlap = similarity_at(self.fixed, self.moving, matrix, self.bins)
+        mi_mean, mi_std, g_mean, g_std = self.stats
+        return (mi - mi_mean) / mi_std + (gradients - g_mean) / g_std, overlap
+
+
+def place(
+    fixed: np.ndarray,
+    fixed_affine: np.ndarray,
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    config: PlacementConfig | None = None,
+) -> Placement:
+    """Find where the fixed scan lies in the moving one, over the whole extent of both (module docstring).
+
+    Args:
+        fixed: the query scan, shape (X, Y, Z), any intensity scale; fixed_affine: its 4x4 voxel-to-world
+            matrix (RAS mm), any voxel order, orientation and spacing.
+        moving: the support (labelled) scan, shape (X', Y', Z'); moving_affine: its matrix.
+        config: search settings (:class:`PlacementConfig`).
+
+    Returns:
+        The :class:`Placement` (rigid fixed -> moving matrix, score, margin, confidence).
+
+    Raises:
+        ValueError: if an array is not 3D or holds NaN/inf, an affine is not an invertible 4x4 matrix, or
+            the scans share no shift with enough body overlap (e.g. one of them holds no body).
+    """
+    config = config or PlacementConfig()
+    fixed, fixed_affine = check_volume(fixed, fixed_affine, "fixed")
+    moving, moving_affine = check_volume(moving, moving_affine, "moving")
+    start = time.perf_counter()
+    grid_f = search_grid(fixed, fixed_affine, config.spacing_mm, config.bins)
+    grid_m = search_grid(moving, moving_affine, config.spacing_mm, config.bins)
+    smaller = min(int(grid_f.body.sum()), int(grid_m.body.sum()))
+    if smaller < 8:
+        raise ValueError(
+            f"placement needs a body in both scans: {int(grid_f.body.sum())} and {int(grid_m.body.sum())} "
+            f"body voxels at {config.spacing_mm} mm."
+        )
+    correlator = Correlator(grid_f.image.shape, grid_m.image.shape)
+    spectra = MovingSpectra(grid_m, correlator, config.bins)
+    centre = _body_centre(grid_f)
+    candidates: list[tuple[float, np.ndarray]] = []
+    stats = None
+    radius = max(1, int(round(config.separation_mm / config.spacing_mm)))
+    for rotation_deg in config.rotations:
+        rotation = rotation_matrix(rotation_deg)
+        grid = grid_f if stats is None else _rotated(grid_f, rotation, centre, config.bins)
+        maps = shift_maps(grid, correlator, spectra, config.bins)
+        valid = maps.body_overlap >= config.min_overlap * smaller
+        if not valid.any():
+            continue
+        if stats is None:  # the identity rotation's maps set the scale every candidate is scored on
+            mi, gr = maps.mutual_information[valid], maps.gradients[valid]
+            stats = (float(mi.mean()), float(mi.std()) + 1e-9, float(gr.mean()), float(gr.std()) + 1e-9)
+        score = (maps.mutual_information - stats[0]) / stats[1] + (maps.gradients - stats[2]) / stats[3]
+        score = torch.where(valid, score, torch.full_like(score, -torch.inf))
+        turn = np.eye(4)
+        turn[:3, :3] = rotation
+        turn[:3, 3] = centre - rotation @ centre
+        for _ in range(config.peaks):
+            flat = int(torch.argmax(score))
+            value = float(score.view(-1)[flat])
+            if not np.isfinite(value):
+                break
+            index = np.unravel_index(flat, score.shape)
+            _suppress(score, index, radius)
+            shift = np.eye(4)
+            shift[:3, 3] = grid_m.affine[:3, 3] - grid.affine[:3, 3] + correlator.shift(index) * grid.spacing
+            candidates.append((value, shift @ turn))
+    if stats is None or not candidates:
+        raise ValueError(
+            "placement found no relative position where the two scans' bodies overlap by at least "
+            f"{config.min_overlap:.0%} of the smaller one."
+        )
+    candidates.sort(key=lambda c: -c[0])
+    scorer = _Scorer(grid_f, grid_m, config.bins, stats)
+    refined = _refine(fixed, fixed_affine, moving, moving_affine, candidates[: config.refine], centre, scorer)
+    best_score, best, overlap = refined[0]
+    others = [s for s, m, _ in refined[1:] if _distance(m, best, centre) > config.distinct_mm]
+    others += [s for s, m in candidates[config.refine :] if _distance(m, best, centre) > config.distinct_mm]
+    margin = best_score - max(others) if others else best_score
+    conf = confidence(best_score, margin)
+    return Placement(
+        matrix=best,
+        score=best_score,
+        margin=margin,
+        overlap=overlap / smaller,
+        confidence=conf,
+        sure=conf >= config.threshold,
+        seconds=time.perf_counter() - start,
+        candidates=tuple((s, m) for s, m, _ in refined),
+    )
+
+
+def _suppress(score: torch.Tensor, index: tuple[int, ...], radius: int) -> None:
+    """Set the shifts within ``radius`` voxels of ``index`` to -inf (circularly: maps wrap around)."""
+    ranges = [np.arange(i - radius, i + radius + 1) % n for i, n in zip(index, score.shape)]
+    score[np.ix_(*ranges)] = -torch.inf
+
+
+def _distance(a: np.ndarray, b: np.ndarray, point: np.ndarray) -> float:
+    """How far apart two fixed -> moving matrices put one fixed point (mm)."""
+    p = np.r_[point, 1.0]
+    return float(np.linalg.norm((a @ p - b @ p)[:3]))
+
+
+def _refine(
+    fixed: np.ndarray,
+    fixed_affine: np.ndarray,
+    moving: np.ndarray,
+    moving_affine: np.ndarray,
+    candidates: list[tuple[float, np.ndarray]],
+    centre: np.ndarray,
+    scorer: _Scorer,
+) -> list[tuple[float, np.ndarray, int]]:
+    """Each candidate refined rigidly (ITK, Mattes MI, at the search's coarse level) and scored again; best
+    first. A refinement that fails or leaves the overlap keeps the candidate as it was."""
+    spacing = scorer.fixed.spacing
+    levels = []
+    for array, affine in ((fixed, fixed_affine), (moving, moving_affine)):
+        voxel = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
+        levels.append(shrunk(to_itk(soft_tissue_window(array), affine), max(1, int(round(spacing / voxel)))))
+    out = []
+    for _, matrix in candidates:
+        rigid = euler_from_matrix(matrix, centre)
+        try:
+            optimise(levels[0], levels[1], rigid, iterations=50, max_samples=REFINE_SAMPLES)
+            refined = matrix_from_transform(rigid)
+        except RuntimeError:
+            refined = matrix
+        score, overlap = scorer(refined)
+        if overlap == 0:
+            score, overlap = scorer(matrix)
+            refined = matrix
+        out.append((score, refined, overlap))
+    out.sort(key=lambda c: -c[0])
+    return out
