@@ -3,8 +3,9 @@
 An adapted head knows what a structure looks like on the scans it was fitted on; on another patient's scan,
 and worse on another modality, that appearance shifts (a CT-fitted head sees nothing on an MR: Dice 0.000
 on every abdominal structure). Where the structure lies in the body shifts much less. The atlas prior
-registers each support scan onto the query (:func:`~medmeta_plugin.adapt.registration.register`, rigid
-then affine), carries its mask over and averages: the probability that a voxel lies in the structure.
+registers each support scan onto the query (:func:`~medmeta_plugin.registration.register`: a global
+placement, then rigid and affine), carries its mask over and averages: the probability that a voxel lies in
+the structure.
 
 :func:`fuse` combines it with the head in log-odds:
 
@@ -41,12 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medmeta_plugin.adapt.registration import (
-    Registration,
-    register,
-    signed_distance_mm,
-    warp_to,
-)
+from medmeta_plugin.registration import Registration, register, signed_distance_mm, warp_to
 
 __all__ = ["AtlasCase", "RegistrationCache", "atlas_prior", "fuse", "head_region", "prior_logits"]
 
@@ -123,7 +119,7 @@ def atlas_prior(
         Prior, shape (X, Y, Z), float32 in [0, 1].
 
     Raises:
-        ValueError: with no case, or for arrays :func:`~medmeta_plugin.adapt.registration.register` rejects.
+        ValueError: with no case, or for arrays :func:`~medmeta_plugin.registration.register` rejects.
     """
     if not cases:
         raise ValueError("atlas_prior needs at least one labelled support case.")

@@ -14,11 +14,11 @@ from pathlib import Path
 from monai.utils import look_up_option
 
 from medmeta_plugin.adapt.adaptation import HEAD_MODE_STEPS
-from medmeta_plugin.adapt.registration import REGISTRATION_TRANSFORMS
 from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks import ADAPTER_MODES
 from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
 from medmeta_plugin.networks.precision import PRECISIONS
+from medmeta_plugin.registration import REGISTRATION_TRANSFORMS
 
 __all__ = ["DEFAULT_BACKBONE", "AppConfig", "parse_conf"]
 

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from medmeta_plugin.adapt.atlas import AtlasCase, RegistrationCache, atlas_prior, prior_logits
-from medmeta_plugin.adapt.registration import register
 from medmeta_plugin.app.features import file_key
 from medmeta_plugin.app.grid import WorkingVolume, label_to_working
+from medmeta_plugin.registration import register
 
 __all__ = ["AtlasPriors", "warm_up"]
 
@@ -62,7 +62,7 @@ class AtlasPriors:
             the result is kept in a small LRU cache here, so a labelled scan is read and resampled once.
         divisor: the backbone's size divisor (working label maps are padded like the images).
         transform: what registration fits, one of
-            :data:`~medmeta_plugin.adapt.registration.REGISTRATION_TRANSFORMS`.
+            :data:`~medmeta_plugin.registration.REGISTRATION_TRANSFORMS`.
     """
 
     def __init__(

@@ -56,17 +56,17 @@ from medmeta_plugin.adapt.atlas import (
     fuse,
     prior_logits,
 )
-from medmeta_plugin.adapt.registration import (
-    REGISTRATION_TRANSFORMS,
-    deterministic_registration,
-    register,
-)
 from medmeta_plugin.benchmarks.suites import EvalTask, build_suite
 from medmeta_plugin.meta.objectives import task_score
 from medmeta_plugin.networks import ADAPTER_MODES, Backbone3D, MetaModel, load_backbone
 from medmeta_plugin.networks.backbone import BackboneOutput
 from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
 from medmeta_plugin.networks.precision import PRECISIONS, autocast
+from medmeta_plugin.registration import (
+    REGISTRATION_TRANSFORMS,
+    deterministic_registration,
+    register,
+)
 
 __all__ = [
     "ATLAS_CHOICES",
@@ -116,7 +116,7 @@ class BenchmarkConfig:
         atlas: one of :data:`ATLAS_CHOICES`: score adapted methods with the atlas prior fused in (real
             suites only; phantoms have no geometry to register).
         registration: the transform the atlas prior's registration fits, one of
-            :data:`~medmeta_plugin.adapt.registration.REGISTRATION_TRANSFORMS` (as the app's default).
+            :data:`~medmeta_plugin.registration.REGISTRATION_TRANSFORMS` (as the app's default).
         precision: of every backbone pass (adaptation, features, scoring), one of
             :data:`~medmeta_plugin.networks.precision.PRECISIONS`.
     """
@@ -303,7 +303,7 @@ def run_benchmark(config: BenchmarkConfig, device: str | torch.device | None = N
     """Run every method on the same episodes of a suite.
 
     Registrations (the atlas prior of real suites) run on one ITK thread
-    (:func:`~medmeta_plugin.adapt.registration.deterministic_registration`), so a run repeats exactly.
+    (:func:`~medmeta_plugin.registration.deterministic_registration`), so a run repeats exactly.
 
     Returns:
         ``{"suite", "device", "config", "records": [{"method", "task", "kind", "shots", "seed", "metric",

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medmeta_plugin.adapt.registration import REGISTRATION_TRANSFORMS
 from medmeta_plugin.cli.main import build_parser, main
 from medmeta_plugin.io import ImageMeta, write_image
+from medmeta_plugin.registration import REGISTRATION_TRANSFORMS
 
 
 def test_console_script_prints_help() -> None:
