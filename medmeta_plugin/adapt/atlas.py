@@ -7,6 +7,14 @@ registers each support scan onto the query (:func:`~medmeta_plugin.registration.
 placement, then rigid and affine), carries its mask over and averages: the probability that a voxel lies in
 the structure.
 
+Only registrations whose placement is sure are carried (``Registration.sure``). A placement flagged unsure
+is a guess - a second, different position was nearly as good - and carrying its masks gave Dice 0.00 on real
+pairs of scans of different extents (the field-of-view suite, :mod:`medmeta_plugin.benchmarks.fov`); a mask
+in the wrong place served as a finding is worse than no prior, since the caller can fall back to the adapted
+head and say so. :func:`atlas_prior` therefore returns a :class:`CarriedPrior`: the prior of the sure cases
+(None when there is none) and one :class:`CarriedCase` per support scan saying whether it was used, how sure
+its placement was, what it fitted and what it cost.
+
 :func:`fuse` combines it with the head in log-odds:
 
 - The prior speaks in distance, not in blurred probability: its log-odds are the signed distance to the
@@ -31,20 +39,30 @@ the structure.
   suites, ``docs/benchmarks/atlas.md``), 1 / 3 shots: carried masks alone 0.823 / 0.860 mean Dice on the
   brain, fused with the earlier ramp (no say below 0.25, all from 0.6) 0.662 / 0.689; on the abdomen the
   CT-fitted head had no say (0.234 / 0.224 either way). The head stays the answer where there is no
-  prior (a scan that does not register, phantoms).
+  prior (a scan that does not register or is placed unsure everywhere, phantoms).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from medmeta_plugin.registration import Registration, register, signed_distance_mm, warp_to
 
-__all__ = ["AtlasCase", "RegistrationCache", "atlas_prior", "fuse", "head_region", "prior_logits"]
+__all__ = [
+    "AtlasCase",
+    "CarriedCase",
+    "CarriedPrior",
+    "RegistrationCache",
+    "atlas_prior",
+    "fuse",
+    "head_region",
+    "prior_logits",
+]
 
 # The numbers of the module docstring: the head's say (sigmoid(3) = 0.95), the prior's slope (so the head
 # decides within 6 mm of the carried boundary, a global registration's error between two patients) and cap,
@@ -79,24 +97,109 @@ class AtlasCase:
             )
 
 
+@dataclass(frozen=True)
+class CarriedCase:
+    """What one support scan contributed to an :func:`atlas_prior`.
+
+    Attributes:
+        key: the case's :attr:`AtlasCase.key`.
+        used: its mask was carried into the prior.
+        sure: its registration's placement was sure (:attr:`~medmeta_plugin.registration.Registration.sure`);
+            False when the registration failed.
+        confidence: the placement's confidence in [0, 1]; None when the registration started from a given
+            matrix (no placement) or failed.
+        transform: the transform the registration kept (``rigid``, ``affine``, ``bspline``); None when it
+            failed.
+        seconds: the registration's wall time when it was computed (a cached one costs nothing again).
+        error: why the registration failed (the scans could not be placed), else None.
+    """
+
+    key: Hashable
+    used: bool
+    sure: bool
+    confidence: float | None
+    transform: str | None
+    seconds: float
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON-ready values (rounded), the key as a string."""
+        return {
+            "key": str(self.key),
+            "used": self.used,
+            "sure": self.sure,
+            "confidence": None if self.confidence is None else round(self.confidence, 3),
+            "transform": self.transform,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class CarriedPrior:
+    """The result of :func:`atlas_prior`.
+
+    Attributes:
+        prior: the probability that each query voxel lies in the structure, shape (X, Y, Z), float32 in
+            [0, 1], by the carried masks of the used cases; None when no case was used (every placement
+            unsure or failed).
+        cases: one record per support case, in the order given.
+    """
+
+    prior: np.ndarray | None
+    cases: tuple[CarriedCase, ...]
+
+    @property
+    def used(self) -> int:
+        """How many support cases were carried into the prior."""
+        return sum(c.used for c in self.cases)
+
+    @property
+    def sure(self) -> int:
+        """How many support cases were placed sure."""
+        return sum(c.sure for c in self.cases)
+
+    @property
+    def confidence(self) -> float | None:
+        """The highest placement confidence among the cases (None when no case has a placement)."""
+        values = [c.confidence for c in self.cases if c.confidence is not None]
+        return max(values) if values else None
+
+
 class RegistrationCache:
     """Registrations by (query key, support key): one per pair of scans, shared by all their structures.
 
-    An entry is a 4x4 matrix and two floats, so the cache is not bounded: a server that has segmented
-    1,000 scans against 10 labelled ones holds 10,000 of them, under 2 MB.
+    An entry is a 4x4 matrix and a few floats, so the cache is not bounded: a server that has segmented
+    1,000 scans against 10 labelled ones holds 10,000 of them, under 2 MB. A registration that failed (the
+    two scans cannot be placed) is remembered too, so it is not attempted again on every request.
+
+    Args:
+        register: computes a registration, called as ``register(query, query_affine, support,
+            support_affine)`` (:func:`~medmeta_plugin.registration.register` by default).
     """
 
     def __init__(self, register: Callable[..., Registration] = register) -> None:
         self.register = register
         self.entries: dict[tuple[Hashable, Hashable], Registration] = {}
+        self.failures: dict[tuple[Hashable, Hashable], str] = {}
 
     def get(
         self, query_key: Hashable, query: np.ndarray, query_affine: np.ndarray, case: AtlasCase
     ) -> Registration:
-        """The registration of ``case``'s scan onto the query, computed on first use."""
+        """The registration of ``case``'s scan onto the query, computed on first use.
+
+        Raises:
+            ValueError: if the registration failed (now or when first attempted).
+        """
         key = (query_key, case.key)
+        if key in self.failures:
+            raise ValueError(self.failures[key])
         if key not in self.entries:
-            self.entries[key] = self.register(query, query_affine, case.image, case.affine)
+            try:
+                self.entries[key] = self.register(query, query_affine, case.image, case.affine)
+            except ValueError as err:
+                self.failures[key] = str(err)
+                raise
         return self.entries[key]
 
 
@@ -106,7 +209,9 @@ def atlas_prior(
     query_affine: np.ndarray,
     cases: Sequence[AtlasCase],
     cache: RegistrationCache | None = None,
-) -> np.ndarray:
+    *,
+    require_sure: bool = True,
+) -> CarriedPrior:
     """The probability that each query voxel lies in the structure, by the registered support masks.
 
     Args:
@@ -114,30 +219,53 @@ def atlas_prior(
         query: query scan, shape (X, Y, Z); query_affine: its 4x4 voxel-to-world matrix (RAS, mm).
         cases: the labelled support scans (at least one).
         cache: registrations already computed (a fresh one when None).
+        require_sure: carry only the cases whose placement is sure (the module docstring says why); False
+            carries every case that registered (to measure what the check costs or saves).
 
     Returns:
-        Prior, shape (X, Y, Z), float32 in [0, 1].
+        :class:`CarriedPrior`: the prior, shape (X, Y, Z), float32 in [0, 1], or None when no case was
+        carried; and a record per case. A case whose registration fails (its scan cannot be placed on the
+        query) is recorded, not carried, and does not stop the others.
 
     Raises:
-        ValueError: with no case, or for arrays :func:`~medmeta_plugin.registration.register` rejects.
+        ValueError: with no case.
     """
     if not cases:
         raise ValueError("atlas_prior needs at least one labelled support case.")
     cache = cache or RegistrationCache()
     shape = tuple(int(s) for s in np.shape(query))
-    carried = []
+    carried, records = [], []
     for case in cases:
-        registration = cache.get(query_key, query, query_affine, case)
-        carried.append(
-            warp_to(
-                case.mask.astype(np.float32),
-                case.affine,
-                shape,
-                query_affine,
-                registration.matrix,
-                registration.bspline,
+        try:
+            registration = cache.get(query_key, query, query_affine, case)
+        except ValueError as err:
+            records.append(CarriedCase(case.key, False, False, None, None, 0.0, str(err)))
+            continue
+        placement = registration.placement
+        use = registration.sure or not require_sure
+        records.append(
+            CarriedCase(
+                case.key,
+                use,
+                registration.sure,
+                None if placement is None else float(placement.confidence),
+                registration.transform,
+                float(registration.seconds),
             )
         )
+        if use:
+            carried.append(
+                warp_to(
+                    case.mask.astype(np.float32),
+                    case.affine,
+                    shape,
+                    query_affine,
+                    registration.matrix,
+                    registration.bspline,
+                )
+            )
+    if not carried:
+        return CarriedPrior(None, tuple(records))
     prior = np.mean(carried, axis=0)
     # A majority vote of masks that do not coincide shrinks thin structures (the insula, a ribbon of cortex,
     # vanished at 5 shots: Dice 0.53 -> 0.03). Rescale so that the 0.5 level holds the carried masks' mean
@@ -147,7 +275,7 @@ def atlas_prior(
         level = float(np.partition(prior.ravel(), prior.size - volume)[prior.size - volume])
         if 0 < level < 0.5:
             prior = prior * (0.5 / level)
-    return np.clip(prior, 0.0, 1.0).astype(np.float32)
+    return CarriedPrior(np.clip(prior, 0.0, 1.0).astype(np.float32), tuple(records))
 
 
 def prior_logits(prior: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -188,7 +316,7 @@ def fuse(logits: torch.Tensor, prior: torch.Tensor, distance_logits: torch.Tenso
 
     Args:
         logits: head logits, shape (X, Y, Z) or (N,).
-        prior: prior probabilities (:func:`atlas_prior`), the same shape.
+        prior: prior probabilities (:attr:`CarriedPrior.prior`), the same shape.
         distance_logits: :func:`prior_logits` of ``prior``, the same shape.
 
     Returns:

@@ -11,6 +11,10 @@ so that
 
 Adapters are saved as a new store version first and swapped in second (one dictionary assignment), so an
 inference running meanwhile sees the old adapter or the new one, and a failed adaptation changes nothing.
+
+Each structure's answer says how it was found (:class:`Provenance`): ``label`` (the scan's own label),
+``registered`` (its labelled scans placed sure on this scan, their masks carried) or ``network`` (the
+adapted head alone: atlas off, no prior, or every placement unsure - a guess, and flagged as one).
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ import numpy as np
 import torch
 
 from medmeta_plugin.adapt import AdaptReport, adapt, head_mode_budget
-from medmeta_plugin.adapt.atlas import PRIOR_CAP, fuse, head_region
+from medmeta_plugin.adapt.atlas import PRIOR_CAP, CarriedPrior, fuse, head_region
 from medmeta_plugin.adapt.store import AdapterStore
 from medmeta_plugin.app.config import AppConfig
 from medmeta_plugin.app.features import FeatureCache, backbone_output
 from medmeta_plugin.app.grid import WorkingVolume, label_to_working, to_original_grid
-from medmeta_plugin.app.priors import AtlasPriors
+from medmeta_plugin.app.priors import AtlasPriors, StructurePrior
 from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks import (
     BackboneOutput,
@@ -44,7 +48,15 @@ from medmeta_plugin.networks import (
     load_backbone,
 )
 
-__all__ = ["Engine", "Example", "Segmentation", "examples_fingerprint", "mask_uncertainty"]
+__all__ = [
+    "FOUND_BY",
+    "Engine",
+    "Example",
+    "Provenance",
+    "Segmentation",
+    "examples_fingerprint",
+    "mask_uncertainty",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +79,46 @@ class Example:
     target: float | None = None
 
 
+#: How a structure's answer was found: the scan's own label, registered labelled scans, or the network alone.
+FOUND_BY = ("label", "registered", "network")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How one structure's answer on one scan was found, and how sure it is.
+
+    Attributes:
+        found_by: one of :data:`FOUND_BY`: ``label`` (the scan's own label), ``registered`` (the carried
+            masks of the labelled scans placed sure on this scan) or ``network`` (the adapted head alone).
+        supports: the structure's labelled scans (those that could be read, when a prior was attempted).
+        sure_supports: how many of the other labelled scans were placed sure on this scan; None when none was
+            placed (its own label, atlas off, no readable labelled scan).
+        confidence: the highest placement confidence among them, in [0, 1]; None when none was placed.
+        sure: True when the answer stands on the scan's own label or on at least one sure placement; False
+            for the network's answer alone (nothing checks it), above all when it stands in for a placement
+            flagged unsure: a guess, not a finding.
+        note: the same in words, for a reader of the response or the log.
+    """
+
+    found_by: str
+    supports: int
+    sure_supports: int | None
+    confidence: float | None
+    sure: bool
+    note: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready values (confidence rounded), as the infer response carries them."""
+        return {
+            "found_by": self.found_by,
+            "supports": self.supports,
+            "sure_supports": self.sure_supports,
+            "confidence": None if self.confidence is None else round(self.confidence, 3),
+            "sure": self.sure,
+            "note": self.note,
+        }
+
+
 @dataclass
 class Segmentation:
     """Result of :meth:`Engine.segment`.
@@ -76,12 +128,14 @@ class Segmentation:
         names: ``{structure: value}`` of the structures segmented.
         meta: the scan's geometry (to write ``labels`` with).
         seconds: wall time per stage.
+        provenance: ``{structure: Provenance}``: how each answer was found and how sure it is.
     """
 
     labels: np.ndarray
     names: dict[str, int]
     meta: Any
     seconds: dict[str, float] = field(default_factory=dict)
+    provenance: dict[str, Provenance] = field(default_factory=dict)
 
 
 def examples_fingerprint(examples: Sequence[Example]) -> list[str]:
@@ -119,6 +173,40 @@ def mask_uncertainty(probs: Iterable[torch.Tensor]) -> float | None:
         entropy = -(q * q.log() + (1 - q) * (1 - q).log())
         scores.append(float(entropy.sum() / ((p > 0.5).sum() + 1)))
     return float(np.mean(scores)) if scores else None
+
+
+_NETWORK_ALONE = "the adapted network's answer alone"
+
+
+def _placed(carried: CarriedPrior, supports: int, threshold: float, refine: bool) -> Provenance:
+    """The provenance of an answer from registered labelled scans, or of the network standing in for them
+    when none was placed sure (``carried.prior`` is None)."""
+    total, sure, best = len(carried.cases), carried.sure, carried.confidence
+    unsure = [c for c in carried.cases if not c.sure and c.error is None]
+    failed = [c for c in carried.cases if c.error is not None]
+    if carried.prior is not None:
+        note = f"registered: carried masks of {sure} of {total} labelled scans placed sure"
+        note += "" if best is None else f" (best confidence {best:.2f})"
+        note += ", their boundary moved by the adapted head where it agrees" if refine else ""
+        left_out = []
+        if unsure:
+            values = ", ".join(f"{c.confidence:.2f}" for c in unsure if c.confidence is not None)
+            left_out.append(f"{len(unsure)} placed unsure (confidence {values} < {threshold:g})")
+        if failed:
+            left_out.append(f"{len(failed)} could not be placed ({failed[0].error})")
+        note += f"; left out: {'; '.join(left_out)}" if left_out else ""
+        return Provenance("registered", supports, sure, best, True, note)
+    if best is None:
+        note = f"no labelled scan could be placed on this scan ({failed[0].error}): {_NETWORK_ALONE}"
+    elif total == 1:
+        note = f"placement unsure (confidence {best:.2f} < {threshold:g}): {_NETWORK_ALONE}"
+    else:
+        extra = f"; {len(failed)} could not be placed" if failed else ""
+        note = (
+            f"placement unsure on all {total} labelled scans (best confidence {best:.2f} < {threshold:g}"
+            f"{extra}): {_NETWORK_ALONE}"
+        )
+    return Provenance("network", supports, sure, best, False, note)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -259,6 +347,37 @@ class Engine:
             self._atlas_examples[key] = list(meta.get("atlas", []))
         return self._atlas_examples[key]
 
+    def placements(self) -> dict[str, Any]:
+        """The placement threshold and the last placement outcomes (for the app's status)."""
+        return {"threshold": self._atlas.placement.threshold, "recent": self._atlas.recent()}
+
+    def _find(
+        self, name: str, image: str | Path, volume: WorkingVolume
+    ) -> tuple[StructurePrior | None, Provenance]:
+        """A structure's prior on the scan - None when the network is to answer - and how the answer is found.
+
+        The prior is the scan's own label when the structure was labelled on it, else the carried masks of
+        its labelled scans placed sure on it. The network answers with atlas off, without a readable labelled
+        scan, and when every placement was unsure or failed.
+        """
+        stored = self.atlas_examples(name)
+        if not self.config.atlas:
+            return None, Provenance("network", len(stored), None, None, False, f"atlas off: {_NETWORK_ALONE}")
+        if not stored:
+            note = f"no labelled scan stored with the adapter: {_NETWORK_ALONE}"
+            return None, Provenance("network", 0, None, None, False, note)
+        try:
+            served = self._atlas.prior(str(image), volume, stored)
+        except ValueError as err:
+            logger.warning("atlas prior of %r left out on %s: %s", name, image, err)
+            note = f"no atlas prior ({err}): {_NETWORK_ALONE}"
+            return None, Provenance("network", len(stored), None, None, False, note)
+        if served.own:
+            return served, Provenance("label", served.supports, None, None, True, "the scan's own label")
+        threshold = self._atlas.placement.threshold
+        found = _placed(served.carried, served.supports, threshold, self.config.refine)
+        return (served if served.prior is not None else None), found
+
     def _segmentation_logits(
         self,
         name: str,
@@ -266,28 +385,22 @@ class Engine:
         image: str | Path,
         volume: WorkingVolume,
         base: Callable[[], BackboneOutput],
-    ) -> torch.Tensor:
-        """A structure's logits on the unpadded working grid, (X, Y, Z).
+    ) -> tuple[torch.Tensor, Provenance]:
+        """A structure's logits on the unpadded working grid, (X, Y, Z), and how they were found.
 
-        When ``config.atlas`` is on and its labelled scans can still be read, the answer is its atlas prior
-        (the prior's distance log-odds), fused with the head only when ``config.refine`` is on; then a
-        head-mode head runs only where it can change the answer (:func:`head_region`: the carried
-        structure and 6 mm around it), not on the whole scan. Without a prior, the head answers. ``base``
-        gives the scan's backbone output; it is called only when a head runs.
+        With a prior (:meth:`_find`) the answer is the prior's distance log-odds, fused with the head only
+        when ``config.refine`` is on; then a head-mode head runs only where it can change the answer
+        (:func:`head_region`: the carried structure and 6 mm around it), not on the whole scan. Without one
+        the head answers. ``base`` gives the scan's backbone output; it is called only when a head runs.
         """
-        examples = self.atlas_examples(name) if self.config.atlas else []
-        prior = None
-        if examples:
-            try:
-                prior, distance, own = self._atlas.prior(str(image), volume, examples)
-            except ValueError as err:
-                logger.warning("atlas prior of %r left out on %s: %s", name, image, err)
-        if prior is None:
-            return volume.crop(self._task_output(task, volume, base()))[0, 0].float().cpu()
-        if own:  # on a scan it was labelled on, a structure is its label
-            return torch.where(prior >= 0.5, PRIOR_CAP, -PRIOR_CAP)
+        served, found = self._find(name, image, volume)
+        if served is None:
+            return volume.crop(self._task_output(task, volume, base()))[0, 0].float().cpu(), found
+        prior, distance = served.prior, served.distance
+        if served.own:  # on a scan it was labelled on, a structure is its label
+            return torch.where(prior >= 0.5, PRIOR_CAP, -PRIOR_CAP), found
         if not self.config.refine:
-            return distance
+            return distance, found
         region = head_region(distance)
         if task.info.mode == "head":
             logits = self._head_on(task, volume, base(), region)
@@ -295,7 +408,7 @@ class Engine:
             logits = volume.crop(self._task_output(task, volume, base()))[0, 0].float().cpu()[region]
         out = distance.clone()
         out[region] = fuse(logits, prior[region], distance[region])
-        return out
+        return out, found
 
     def _head_on(
         self, task: TaskAdapter, volume: WorkingVolume, base: BackboneOutput, region: torch.Tensor
@@ -325,6 +438,13 @@ class Engine:
         self, image: str | Path, tasks: Sequence[str] | None = None
     ) -> tuple[WorkingVolume, dict[str, torch.Tensor]]:
         """Foreground probability of each adapted structure on the unpadded working grid, (X, Y, Z) each."""
+        volume, probs, _ = self._answers(image, tasks)
+        return volume, probs
+
+    def _answers(
+        self, image: str | Path, tasks: Sequence[str] | None
+    ) -> tuple[WorkingVolume, dict[str, torch.Tensor], dict[str, Provenance]]:
+        """:meth:`probabilities` and each structure's :class:`Provenance`."""
         start = time.perf_counter()
         chosen = self._select(self.tasks("segmentation"), tasks)
         # The backbone runs only if a head does: structures answered by their atlas prior need the scan alone.
@@ -336,12 +456,12 @@ class Engine:
                 computed.append(self.working(image)[1])
             return computed[0]
 
-        probs = {
-            name: torch.sigmoid(self._segmentation_logits(name, task, image, volume, base))
-            for name, task in chosen.items()
-        }
+        probs, found = {}, {}
+        for name, task in chosen.items():
+            logits, found[name] = self._segmentation_logits(name, task, image, volume, base)
+            probs[name] = torch.sigmoid(logits)
         logger.debug("probabilities for %d structures in %.2f s", len(probs), time.perf_counter() - start)
-        return volume, probs
+        return volume, probs, found
 
     @staticmethod
     def _select(available: dict[str, TaskAdapter], wanted: Sequence[str] | None) -> dict[str, TaskAdapter]:
@@ -355,14 +475,29 @@ class Engine:
     def segment(self, image: str | Path, tasks: Sequence[str] | None = None) -> Segmentation:
         """One label map with every adapted structure (or those in ``tasks``) on the scan's own grid.
 
-        A voxel gets the structure of highest probability among those above ``config.threshold``.
+        A voxel gets the structure of highest probability among those above ``config.threshold``. Each
+        structure's :class:`Provenance` is returned with it and logged (one INFO line per structure).
 
         Raises:
             ValueError: for an unreadable or too large scan, or a name in ``tasks`` that has no adapter.
         """
         start = time.perf_counter()
-        volume, probs = self.probabilities(image, tasks)
+        volume, probs, found = self._answers(image, tasks)
         mid = time.perf_counter()
+        for name, how in found.items():
+            confidence = "-" if how.confidence is None else f"{how.confidence:.3f}"
+            sure_supports = "-" if how.sure_supports is None else how.sure_supports
+            logger.info(
+                "medmeta %s on %s: found by %s, sure %s, supports %d, sure supports %s, confidence %s: %s",
+                name,
+                os.path.basename(os.path.normpath(str(image))),
+                how.found_by,
+                how.sure,
+                how.supports,
+                sure_supports,
+                confidence,
+                how.note,
+            )
         # Values are numbered over every adapted structure: a structure's value does not depend on ``tasks``.
         every = self.label_values(list(self.tasks("segmentation")))
         values = {name: every[name] for name in probs}
@@ -375,7 +510,7 @@ class Engine:
             labels[better] = values[name]
         out = to_original_grid(labels.numpy().astype(dtype), volume)
         seconds = {"model": mid - start, "resample": time.perf_counter() - mid}
-        return Segmentation(labels=out, names=values, meta=volume.original, seconds=seconds)
+        return Segmentation(labels=out, names=values, meta=volume.original, seconds=seconds, provenance=found)
 
     @torch.no_grad()
     def predict(self, image: str | Path, tasks: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:

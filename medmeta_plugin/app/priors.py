@@ -8,28 +8,37 @@
   working-grid copy per labelled scan and one label map per label file, in small LRU caches, so 100
   structures labelled on one scan hold one scan and one label map, not 100.
 - A structure labelled on the very scan being segmented gets its own label as prior (no registration).
+- Only labelled scans whose placement is sure are carried (:func:`~medmeta_plugin.adapt.atlas.atlas_prior`
+  says why); with none, the structure has no prior on that scan and :class:`StructurePrior` says what each
+  placement found. The last :data:`RECENT_PLACEMENTS` outcomes (query scan, labelled scan, confidence, sure,
+  seconds) are kept for the app's status.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from medmeta_plugin.adapt.atlas import AtlasCase, RegistrationCache, atlas_prior, prior_logits
+from medmeta_plugin.adapt.atlas import AtlasCase, CarriedPrior, RegistrationCache, atlas_prior, prior_logits
 from medmeta_plugin.app.features import file_key
 from medmeta_plugin.app.grid import WorkingVolume, label_to_working
-from medmeta_plugin.registration import register
+from medmeta_plugin.registration import PlacementConfig, register
 
-__all__ = ["AtlasPriors", "warm_up"]
+__all__ = ["RECENT_PLACEMENTS", "AtlasPriors", "StructurePrior", "warm_up"]
 
 # Labelled scans and label maps kept on the working grid: a session labels a handful of scans at a time.
 CACHED_SCANS = 8
+#: Placement outcomes (one per pair of scans, most recent last) kept for ``/info/``: a few sessions' worth
+#: of pairs, small enough for a client that polls ``/info/`` every few seconds.
+RECENT_PLACEMENTS = 50
 
 
 class _Lru:
@@ -54,6 +63,27 @@ def _array(volume: WorkingVolume) -> np.ndarray:
     return volume.crop(volume.image)[0, 0].float().cpu().numpy()
 
 
+@dataclass(frozen=True)
+class StructurePrior:
+    """A structure's prior on one scan, as :meth:`AtlasPriors.prior` serves it.
+
+    Attributes:
+        prior: prior probabilities on the unpadded working grid, shape (X, Y, Z), float32; None when no
+            labelled scan was placed sure (then the structure has no prior on this scan).
+        distance: :func:`~medmeta_plugin.adapt.atlas.prior_logits` of ``prior``, the same shape; None with it.
+        own: the prior is the scan's own label (then it is the answer, not a prior).
+        supports: the structure's labelled scans that could still be read (the scan itself included).
+        carried: what registration found for each other labelled scan; None when ``own`` (nothing was
+            registered).
+    """
+
+    prior: torch.Tensor | None
+    distance: torch.Tensor | None
+    own: bool
+    supports: int
+    carried: CarriedPrior | None
+
+
 class AtlasPriors:
     """Atlas priors of adapted structures on working grids.
 
@@ -63,15 +93,25 @@ class AtlasPriors:
         divisor: the backbone's size divisor (working label maps are padded like the images).
         transform: what registration fits, one of
             :data:`~medmeta_plugin.registration.REGISTRATION_TRANSFORMS`.
+        placement: the global placement's settings, its ``threshold`` included (the defaults when None).
     """
 
     def __init__(
-        self, working: Callable[[str], WorkingVolume], divisor: Callable[[], int], transform: str = "affine"
+        self,
+        working: Callable[[str], WorkingVolume],
+        divisor: Callable[[], int],
+        transform: str = "affine",
+        placement: PlacementConfig | None = None,
     ) -> None:
         self.working, self.divisor = working, divisor
-        self.registrations = RegistrationCache(functools.partial(register, transform=transform))
+        self.placement = placement or PlacementConfig()
+        self.registrations = RegistrationCache(
+            functools.partial(register, transform=transform, placement=self.placement)
+        )
         self._scans = _Lru(CACHED_SCANS)
         self._labels = _Lru(CACHED_SCANS)
+        self._recent: OrderedDict[tuple[Any, Any], dict[str, Any]] = OrderedDict()
+        self._recent_lock = threading.Lock()
 
     def _scan(self, path: str) -> WorkingVolume:
         return self._scans.get(file_key(path), lambda: self.working(path))
@@ -84,25 +124,22 @@ class AtlasPriors:
 
         return self._labels.get((file_key(path), file_key(image)), load)
 
-    def prior(
-        self, query: str, volume: WorkingVolume, examples: Sequence[dict[str, Any]]
-    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """The structure's prior on a scan's working grid, its distance log-odds, and whether it is the
-        scan's own label (then it is the answer, not a prior).
+    def prior(self, query: str, volume: WorkingVolume, examples: Sequence[dict[str, Any]]) -> StructurePrior:
+        """The structure's prior on a scan's working grid, from the labelled scans placed sure on it.
 
         Args:
             query: the scan's image path; volume: the scan on the working grid.
             examples: the structure's stored examples, ``{"image", "label", "value"}`` each.
 
         Returns:
-            Prior probabilities and :func:`~medmeta_plugin.adapt.atlas.prior_logits`, shape (X, Y, Z) each
-            (the unpadded working grid), float32; and True when the prior is the scan's own label.
+            :class:`StructurePrior`: the prior and its distance log-odds (None when no labelled scan was
+            placed sure), whether it is the scan's own label, and what each registration found.
 
         Raises:
             ValueError: if no example's files can be read any more.
         """
         query_key = file_key(query)
-        cases = []
+        cases, images = [], {}
         own = []
         for ex in examples:
             try:
@@ -115,14 +152,43 @@ class AtlasPriors:
                 own.append(torch.from_numpy(mask))
             else:
                 cases.append(AtlasCase(key, _array(support), support.working.affine, mask))
+                images[key] = ex["image"]
         if not cases and not own:
             raise ValueError(f"none of the labelled scans of this structure can be read: {list(examples)}.")
         affine = volume.working.affine
+        supports = len(cases) + len(own)
         if own:  # the scan's own label says more than any registered one
             prior = torch.stack(own).mean(0).numpy()
-        else:
-            prior = atlas_prior(query_key, _array(volume), affine, cases, self.registrations)
-        return torch.from_numpy(prior), torch.from_numpy(prior_logits(prior, affine)), bool(own)
+            distance = prior_logits(prior, affine)
+            return StructurePrior(torch.from_numpy(prior), torch.from_numpy(distance), True, supports, None)
+        carried = atlas_prior(query_key, _array(volume), affine, cases, self.registrations)
+        self._remember(query_key, query, carried, images)
+        if carried.prior is None:
+            return StructurePrior(None, None, False, supports, carried)
+        distance = prior_logits(carried.prior, affine)
+        return StructurePrior(
+            torch.from_numpy(carried.prior), torch.from_numpy(distance), False, supports, carried
+        )
+
+    def _remember(self, query_key: Any, query: str, carried: CarriedPrior, images: dict[Any, str]) -> None:
+        """Keep the placement outcome of each pair of scans, the most recent :data:`RECENT_PLACEMENTS`."""
+        with self._recent_lock:
+            for case in carried.cases:
+                pair = (query_key, case.key)
+                self._recent.pop(pair, None)
+                self._recent[pair] = {
+                    "query": os.path.basename(os.path.normpath(query)),
+                    "support": os.path.basename(os.path.normpath(images[case.key])),
+                    **{k: v for k, v in case.to_dict().items() if k not in ("key", "used")},
+                }
+            while len(self._recent) > RECENT_PLACEMENTS:
+                self._recent.popitem(last=False)
+
+    def recent(self) -> list[dict[str, Any]]:
+        """The last placement outcomes, one per (query scan, labelled scan) pair, oldest first: ``query``,
+        ``support`` (file names), ``confidence``, ``sure``, ``transform``, ``seconds``, ``error``."""
+        with self._recent_lock:
+            return [dict(v) for v in self._recent.values()]
 
 
 def warm_up(transform: str = "affine") -> np.ndarray:
@@ -135,17 +201,23 @@ def warm_up(transform: str = "affine") -> np.ndarray:
 
     Returns:
         The prior the warm-up carried (shape (24, 24, 24)): the path it loaded, end to end.
+
+    Raises:
+        ValueError: if the warm-up's own registration fails.
     """
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(24, 24, 24)).astype(np.float32)
     volume[6:18, 6:18, 6:18] += 3.0
     fit = functools.partial(register, transform=transform, iterations=2)
-    prior = atlas_prior(
+    carried = atlas_prior(
         "warm-up",
         volume,
         np.eye(4),
         [AtlasCase("warm-up-support", volume, np.eye(4), volume > 1)],
         RegistrationCache(fit),
+        require_sure=False,  # the modules load whatever the placement's confidence
     )
-    prior_logits(prior, np.eye(4))
-    return prior
+    if carried.prior is None:
+        raise ValueError(f"the warm-up registration failed: {carried.cases[0].error}")
+    prior_logits(carried.prior, np.eye(4))
+    return carried.prior

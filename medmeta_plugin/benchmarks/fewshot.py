@@ -230,7 +230,15 @@ class _AtlasPriors:
         for q in task.query:
             fresh = {(id(q["image"]), c.key) for c in cases} - set(self.registrations.entries)
             start = time.perf_counter()
-            prior = atlas_prior(id(q["image"]), q["image"][0].numpy(), q["affine"], cases, self.registrations)
+            # Every registered case, sure or not, as before placement said how sure it is.
+            prior = atlas_prior(
+                id(q["image"]),
+                q["image"][0].numpy(),
+                q["affine"],
+                cases,
+                self.registrations,
+                require_sure=False,
+            ).prior
             distance = prior_logits(prior, q["affine"])
             elapsed = time.perf_counter() - start
             pairs = [self.registrations.entries[(id(q["image"]), c.key)] for c in cases]

@@ -1,4 +1,4 @@
-"""The atlas prior: carried masks of the support scans, their log-odds, and fusion with a head."""
+"""The atlas prior: carried masks of the support scans placed sure, their log-odds, and fusion with a head."""
 
 from __future__ import annotations
 
@@ -10,13 +10,103 @@ from medmeta_plugin.adapt.atlas import (
     HEAD_LIMIT,
     PRIOR_MM_PER_LOGIT,
     AtlasCase,
+    CarriedPrior,
     RegistrationCache,
     atlas_prior,
     fuse,
     prior_logits,
 )
-from medmeta_plugin.registration import Registration, register, signed_distance_mm
+from medmeta_plugin.registration import Placement, Registration, register, signed_distance_mm
 from tests.registration.conftest import dice, make_phantom, moved
+
+
+def _placement(sure: bool, confidence: float) -> Placement:
+    return Placement(
+        np.eye(4), score=2.0, margin=1.0, overlap=0.8, confidence=confidence, sure=sure, seconds=0.1
+    )
+
+
+def _scripted(outcomes: list[tuple[bool, float] | None]):
+    """A ``register`` whose outcome for support case ``i`` (the scan filled with ``i``) is ``outcomes[i]``:
+    (sure, confidence) of an identity registration, or None for a registration that fails. Its calls are
+    counted in ``.calls``."""
+
+    def fake(fixed, fixed_affine, moving, moving_affine):
+        i = int(moving[0, 0, 0])
+        fake.calls.append(i)
+        if outcomes[i] is None:
+            raise ValueError("placement found no relative position where the two scans' bodies overlap")
+        sure, confidence = outcomes[i]
+        return Registration(np.eye(4), -0.5, 1.5, "affine", None, _placement(sure, confidence))
+
+    fake.calls = []
+    return fake
+
+
+def _slab_cases(n: int) -> list[AtlasCase]:
+    """``n`` support cases on a 16^3 grid, case ``i`` marking the slab z = 2i .. 2i + 3."""
+    cases = []
+    for i in range(n):
+        mask = np.zeros((16, 16, 16), np.float32)
+        mask[4:12, 4:12, 2 * i : 2 * i + 4] = 1.0
+        cases.append(AtlasCase(f"support-{i}", np.full((16, 16, 16), float(i), np.float32), np.eye(4), mask))
+    return cases
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "used"),
+    [
+        ([(True, 0.9)], [0]),
+        ([(True, 0.9), (False, 0.2)], [0]),  # the unsure one is left out
+        ([(False, 0.3), (True, 0.7), (True, 0.95)], [1, 2]),
+        ([(True, 0.8), None], [0]),  # a support scan that cannot be placed does not stop the others
+        ([(False, 0.2)], []),  # no case sure: no prior
+        ([(False, 0.2), None], []),
+    ],
+)
+def test_only_cases_placed_sure_are_carried(outcomes: list, used: list[int]) -> None:
+    cases = _slab_cases(len(outcomes))
+    result = atlas_prior(
+        "query", np.zeros((16, 16, 16)), np.eye(4), cases, RegistrationCache(_scripted(outcomes))
+    )
+    assert isinstance(result, CarriedPrior) and len(result.cases) == len(cases)
+    assert [c.key for c in result.cases] == [c.key for c in cases]
+    assert [i for i, c in enumerate(result.cases) if c.used] == used and result.used == len(used)
+    for record, outcome in zip(result.cases, outcomes):
+        if outcome is None:
+            assert not record.sure and record.confidence is None and "overlap" in record.error
+        else:
+            assert (record.sure, record.confidence, record.transform) == (*outcome, "affine")
+            assert record.seconds == 1.5 and record.error is None
+    confidences = [o[1] for o in outcomes if o is not None]
+    assert result.sure == len(used) and result.confidence == max(confidences)
+    if not used:
+        assert result.prior is None
+    else:  # exactly the sure cases' masks, nothing of the unsure ones
+        union = np.max([cases[i].mask for i in used], axis=0) > 0
+        kept = result.prior >= 0.5
+        assert kept.any() and not (kept & ~union).any()
+        if len(used) == 1:
+            np.testing.assert_allclose(result.prior, cases[used[0]].mask, atol=1e-6)
+
+
+def test_without_require_sure_every_registered_case_is_carried() -> None:
+    cases = _slab_cases(2)
+    cache = RegistrationCache(_scripted([(False, 0.2), (True, 0.9)]))
+    every = atlas_prior("query", np.zeros((16, 16, 16)), np.eye(4), cases, cache, require_sure=False)
+    assert [c.used for c in every.cases] == [True, True] and every.sure == 1
+    assert every.prior[8, 8, 0] > 0  # the unsure case's slab is in
+
+
+def test_a_failed_registration_is_remembered_not_retried() -> None:
+    fake = _scripted([None, (True, 0.9)])
+    cache = RegistrationCache(fake)
+    cases = _slab_cases(2)
+    for _ in range(3):
+        result = atlas_prior("query", np.zeros((16, 16, 16)), np.eye(4), cases, cache)
+        assert result.used == 1 and result.cases[0].error is not None
+    assert fake.calls == [0, 1]  # one attempt per pair of scans, failed or not
+    assert set(cache.failures) == {("query", "support-0")} and set(cache.entries) == {("query", "support-1")}
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +128,10 @@ def test_atlas_prior_caches_each_pair_once(phantom: tuple[np.ndarray, ...]) -> N
     first = atlas_prior("query", image, affine, [case], cache)
     second = atlas_prior("query", image, affine, [case, case], cache)
     assert len(calls) == 1
-    assert first.shape == image.shape and first.min() >= 0 and first.max() <= 1
-    np.testing.assert_allclose(first, second, atol=1e-6)
-    assert dice(first > 0.5, mask > 0.5) > 0.8
+    assert first.cases[0].sure and first.cases[0].used and first.cases[0].transform in ("rigid", "affine")
+    assert first.prior.shape == image.shape and first.prior.min() >= 0 and first.prior.max() <= 1
+    np.testing.assert_allclose(first.prior, second.prior, atol=1e-6)
+    assert dice(first.prior > 0.5, mask > 0.5) > 0.8
 
 
 def _ball(radius: float) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -111,7 +202,7 @@ def test_several_carried_masks_keep_a_thin_structure_s_volume() -> None:
         masks.append(mask)
     identity = RegistrationCache(lambda *args: Registration(np.eye(4), 0.0, 0.0))
     cases = [AtlasCase(f"support-{i}", image, np.eye(4), m) for i, m in enumerate(masks)]
-    prior = atlas_prior("query", image, np.eye(4), cases, identity)
+    prior = atlas_prior("query", image, np.eye(4), cases, identity).prior
     union = np.max(masks, axis=0) > 0
     assert (np.mean(masks, axis=0) >= 0.5).sum() == 0, "a majority vote loses the ribbon"
     kept = prior >= 0.5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,12 @@ import torch
 from medmeta_plugin.adapt.atlas import fuse, head_region
 from medmeta_plugin.app.config import parse_conf
 from medmeta_plugin.app.engine import Engine, Example
+from medmeta_plugin.app.priors import _array
 from medmeta_plugin.io import read_image, write_image
 from medmeta_plugin.networks import TaskAdapter
 from medmeta_plugin.networks.heads import POSITION_HIDDEN
 from medmeta_plugin.networks.position import POSITION_CHANNELS
+from medmeta_plugin.registration import Placement, Registration
 from tests.app.conftest import app_conf
 
 
@@ -213,7 +216,8 @@ def test_head_run_near_the_prior_only_gives_the_whole_volume_answer(
     image_a, image_c = str(studies["studies"] / "a.nii.gz"), str(studies["studies"] / "c.nii.gz")
     engine.adapt_task("ball", "segmentation", [Example(image_a, str(studies["a"]), 1)])
     volume, probs = engine.probabilities(image_c)
-    prior, distance, own = engine._atlas.prior(image_c, volume, engine.atlas_examples("ball"))
+    served = engine._atlas.prior(image_c, volume, engine.atlas_examples("ball"))
+    prior, distance, own = served.prior, served.distance, served.own
     _, base = engine.working(image_c)
     whole = volume.crop(engine._task_output(engine.tasks()["ball"], volume, base))[0, 0]
     expected = torch.sigmoid(fuse(whole.float(), prior, distance))
@@ -228,7 +232,8 @@ def test_without_refine_a_structure_with_a_prior_is_its_carried_masks(engine: En
     assert not engine.config.refine  # the default
     engine.adapt_task("ball", "segmentation", [Example(image_a, str(studies["a"]), 1)])
     volume, probs = engine.probabilities(image_c)
-    prior, distance, own = engine._atlas.prior(image_c, volume, engine.atlas_examples("ball"))
+    served = engine._atlas.prior(image_c, volume, engine.atlas_examples("ball"))
+    prior, own = served.prior, served.own
     assert not own and (prior >= 0.5).any()
     assert torch.equal(probs["ball"] > 0.5, prior >= 0.5)
 
@@ -247,3 +252,96 @@ def test_structures_answered_by_their_prior_need_no_backbone_pass(
     refining.model.backbone.register_forward_hook(lambda *args: passes.append(1))
     refining.segment(image_c)
     assert passes
+
+
+def _unsure(*args) -> Registration:
+    """A registration whose placement was flagged unsure (confidence 0.21), the scan left where it is."""
+    return Registration(
+        np.eye(4), -0.5, 0.2, "affine", None, Placement(np.eye(4), 0.4, 0.1, 0.5, 0.21, False, 0.1)
+    )
+
+
+ALONE = "the adapted network's answer alone"
+REGISTERED = "registered: carried masks of 1 of 1 labelled scans placed sure"
+UNSURE = f"placement unsure (confidence 0.21 < 0.5): {ALONE}"
+
+
+# ball adapted on scan a; conf, scan segmented, placement flagged unsure -> found_by, supports, sure_supports,
+# sure, a part of the note
+@pytest.mark.parametrize(
+    ("conf", "query", "unsure", "found_by", "supports", "sure_supports", "sure", "note"),
+    [
+        pytest.param({}, "a", False, "label", 1, None, True, "the scan's own label", id="own-label"),
+        pytest.param({}, "c", False, "registered", 1, 1, True, REGISTERED, id="registered"),
+        pytest.param(
+            {"refine": "true"}, "c", False, "registered", 1, 1, True, "by the adapted head", id="refined"
+        ),
+        pytest.param({}, "c", True, "network", 1, 0, False, UNSURE, id="placement-unsure"),
+        pytest.param(
+            {"atlas": "false"}, "c", False, "network", 1, None, False, f"atlas off: {ALONE}", id="atlas-off"
+        ),
+    ],
+)
+def test_each_answer_says_how_it_was_found(
+    tmp_path: Path,
+    studies: dict,
+    tiny_backbone: Path,
+    caplog: pytest.LogCaptureFixture,
+    conf: dict,
+    query: str,
+    unsure: bool,
+    found_by: str,
+    supports: int,
+    sure_supports: int | None,
+    sure: bool,
+    note: str,
+) -> None:
+    engine = Engine(parse_conf(app_conf(tiny_backbone, **conf)), tmp_path / "model")
+    image_a = str(studies["studies"] / "a.nii.gz")
+    engine.adapt_task("ball", "segmentation", [Example(image_a, str(studies["a"]), 1)])
+    if unsure:
+        engine._atlas.registrations.register = _unsure
+    image = studies["studies"] / f"{query}.nii.gz"
+    with caplog.at_level(logging.INFO, logger="medmeta_plugin.app.engine"):
+        result = engine.segment(image)
+    found = result.provenance["ball"]
+    assert note in found.note
+    if found_by == "registered":
+        assert 0.5 <= found.confidence <= 1.0
+    elif unsure:
+        assert found.confidence == pytest.approx(0.21)
+    else:
+        assert found.confidence is None
+    assert found.to_dict() == {
+        "found_by": found_by,
+        "supports": supports,
+        "sure_supports": sure_supports,
+        "confidence": None if found.confidence is None else round(found.confidence, 3),
+        "sure": sure,
+        "note": found.note,
+    }
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("medmeta ball on")]
+    assert len(lines) == 1 and f"found by {found_by}, sure {sure}" in lines[0] and found.note in lines[0]
+    if found_by == "network" and unsure:
+        # The unsure placement's carried mask is not served: the answer is the head's, as with atlas off.
+        head_alone = Engine(dataclasses.replace(engine.config, atlas=False), engine.model_dir)
+        np.testing.assert_array_equal(result.labels, head_alone.segment(image).labels)
+
+
+def test_some_placements_unsure_leave_the_sure_ones_serving(engine: Engine, studies: dict) -> None:
+    image_a, image_b, image_c = (str(studies["studies"] / f"{n}.nii.gz") for n in "abc")
+    examples = [Example(image_a, str(studies["a"]), 1), Example(image_b, str(studies["b"]), 1)]
+    engine.adapt_task("ball", "segmentation", examples)
+    real, scan_b = engine._atlas.registrations.register, _array(engine._atlas._scan(image_b))
+    engine._atlas.registrations.register = lambda q, qa, m, ma: (
+        _unsure() if np.array_equal(m, scan_b) else real(q, qa, m, ma)
+    )
+    volume, probs = engine.probabilities(image_c)
+    found = engine.segment(image_c).provenance["ball"]
+    assert (found.found_by, found.supports, found.sure_supports, found.sure) == ("registered", 2, 1, True)
+    assert "1 of 2" in found.note and "left out: 1 placed unsure (confidence 0.21 < 0.5)" in found.note
+    # The answer is scan a's carried mask alone.
+    served_a = engine._atlas.prior(image_c, volume, engine.atlas_examples("ball")[:1])
+    assert torch.equal(probs["ball"] > 0.5, served_a.prior >= 0.5)
+    pairs = {(r["support"], r["sure"]) for r in engine.placements()["recent"] if r["query"] == "c.nii.gz"}
+    assert pairs == {("a.nii.gz", True), ("b.nii.gz", False)} and engine.placements()["threshold"] == 0.5
