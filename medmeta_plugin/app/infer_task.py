@@ -72,6 +72,11 @@ class SegmentationInfer(_RuntimeInfer):
     Request parameters: ``tasks`` (restrict the structures), ``result_extension`` (``.nii.gz`` default,
     ``.nii``, ``.nrrd``), ``result_dtype`` (``uint8`` default; the map is written in the smallest integer type
     holding its values and refused if they do not fit the type asked for).
+
+    The response JSON holds ``label_names``, ``latencies``, ``adapter_versions`` and ``provenance``: per
+    structure, how its answer was found and how sure it is (:class:`~medmeta_plugin.app.engine.Provenance`:
+    ``found_by``, ``supports``, ``sure_supports``, ``confidence``, ``sure``, ``note``), so a reader can tell
+    a guess from a finding. 3D Slicer ignores the keys it does not know.
     """
 
     def __init__(self, runtime: MedMetaRuntime) -> None:
@@ -121,6 +126,7 @@ class SegmentationInfer(_RuntimeInfer):
             "label_names": result.names,
             "latencies": latencies,
             "adapter_versions": {n: versions.get(n) for n in result.names},
+            "provenance": {n: result.provenance[n].to_dict() for n in result.names},
         }
 
 

@@ -168,7 +168,9 @@ class MedMetaRuntime:
 
     # ----- status ------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """Adapters served, worker queue and the last outcome per task (for ``/info/`` and train stats)."""
+        """Adapters served, worker queue and the last outcome per task (for ``/info/`` and train stats), and
+        the placement threshold with the last placement outcomes (``Engine.placements``: at most
+        :data:`~medmeta_plugin.app.priors.RECENT_PLACEMENTS` pairs of scans)."""
         tasks = self.engine.tasks()
         return {
             "backbone": str(self.engine.backbone_path.name),
@@ -179,4 +181,5 @@ class MedMetaRuntime:
                 for name, t in tasks.items()
             },
             "adaptation": self.worker.status(),
+            "placement": self.engine.placements(),
         }

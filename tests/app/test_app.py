@@ -59,6 +59,10 @@ def test_submitted_label_is_adapted_and_served(app_client, studies) -> None:
     assert response.status_code == 200, response.text
     params, payload = _multipart(response)
     assert params["label_names"] == {"ball": 1, "box": 2}
+    assert {n: p["found_by"] for n, p in params["provenance"].items()} == {
+        "ball": "registered",
+        "box": "registered",
+    }
     path = Path(app_client.app_dir) / "result.nrrd"
     path.write_bytes(payload)
     label, meta = read_image(path)

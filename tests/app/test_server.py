@@ -60,6 +60,13 @@ def test_slicer_workflow_against_a_real_server(server, studies, tmp_path: Path) 
     _wait(adapted, 60, "no adapter", log)
     out, params = client.infer("medmeta", "b", {"result_extension": ".nrrd", "result_dtype": "uint8"})
     assert params["label_names"] == {"ball": 1, "box": 2}
+    # How each answer was found: scan a's masks, placed sure on scan b; the placement shows in /info/.
+    provenance = params["provenance"]
+    found = {n: (p["found_by"], p["supports"], p["sure_supports"], p["sure"]) for n, p in provenance.items()}
+    assert found == {"ball": ("registered", 1, 1, True), "box": ("registered", 1, 1, True)}, provenance
+    placement = client.info()["medmeta"]["placement"]
+    pairs = {(r["query"], r["support"]): r["sure"] for r in placement["recent"]}
+    assert placement["threshold"] == 0.5 and pairs[("b.nii.gz", "a.nii.gz")] is True, placement
     label, meta = read_image(out)
     truth, truth_meta = read_image(studies["b"])
     assert meta.shape == truth_meta.shape
