@@ -45,13 +45,13 @@ its placement was, what it fitted and what it cost.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from medmeta_plugin.registration import Registration, register, signed_distance_mm, warp_to
+from medmeta_plugin.registration import Placement, Registration, register, signed_distance_mm, warp_to
 
 __all__ = [
     "AtlasCase",
@@ -112,6 +112,8 @@ class CarriedCase:
             failed.
         seconds: the registration's wall time when it was computed (a cached one costs nothing again).
         error: why the registration failed (the scans could not be placed), else None.
+        placement: the registration's placement, with the score and margin its confidence comes from; None
+            without one.
     """
 
     key: Hashable
@@ -121,14 +123,17 @@ class CarriedCase:
     transform: str | None
     seconds: float
     error: str | None = None
+    placement: Placement | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as JSON-ready values (rounded), the key as a string."""
+        """The record as JSON-ready values (rounded), the key as a string; with a placement, also its
+        ``score``, ``margin`` and ``overlap`` (:meth:`~medmeta_plugin.registration.Placement.to_dict`)."""
         return {
             "key": str(self.key),
             "used": self.used,
             "sure": self.sure,
             "confidence": None if self.confidence is None else round(self.confidence, 3),
+            **({} if self.placement is None else self.placement.to_dict()),
             "transform": self.transform,
             "seconds": round(self.seconds, 3),
             "error": self.error,
@@ -251,6 +256,7 @@ def atlas_prior(
                 None if placement is None else float(placement.confidence),
                 registration.transform,
                 float(registration.seconds),
+                placement=placement,
             )
         )
         if use:

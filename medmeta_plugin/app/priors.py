@@ -186,7 +186,8 @@ class AtlasPriors:
 
     def recent(self) -> list[dict[str, Any]]:
         """The last placement outcomes, one per (query scan, labelled scan) pair, oldest first: ``query``,
-        ``support`` (file names), ``confidence``, ``sure``, ``transform``, ``seconds``, ``error``."""
+        ``support`` (file names), ``confidence``, ``sure``, with a placement its ``score``, ``margin`` and
+        ``overlap``, then ``transform``, ``seconds``, ``error``."""
         with self._recent_lock:
             return [dict(v) for v in self._recent.values()]
 
