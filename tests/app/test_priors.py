@@ -61,9 +61,8 @@ def test_a_prior_is_the_own_label_or_the_scans_placed_sure(
     ]
     assert all(r["sure"] == sure and r["confidence"] == (0.9 if sure else 0.2) for r in recent)
     assert all(r["transform"] == "affine" and r["seconds"] == 0.7 and r["error"] is None for r in recent)
-    assert all(
-        (r["score"], r["margin"], r["overlap"]) == (2.0, 1.0, 0.8) for r in recent
-    )  # what it came from
+    # with the figures the confidence came from
+    assert all((r["score"], r["margin"], r["overlap"]) == (2.0, 1.0, 0.8) for r in recent)
 
 
 def test_recent_placements_are_bounded_and_one_per_pair() -> None:
