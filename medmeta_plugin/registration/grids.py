@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 # Air kept around the body on a search grid, in voxels: its outline is part of what the search matches.
 _MARGIN = 2
@@ -68,7 +69,12 @@ def check_volume(array: np.ndarray, affine: np.ndarray, name: str) -> tuple[np.n
 
 def otsu_threshold(values: np.ndarray) -> float:
     """Otsu's threshold of ``values`` (any shape) over a 256-bin histogram: body above it, air below."""
-    counts, edges = np.histogram(np.asarray(values, dtype=np.float32), bins=256)
+    values = np.asarray(values, dtype=np.float32)
+    if values.size == 0 or float(values.max()) - float(values.min()) <= 1e-6 * max(
+        1.0, abs(float(values.max()))
+    ):
+        return float(values.max()) if values.size else 0.0  # a constant scan: nothing lies above it
+    counts, edges = np.histogram(values, bins=256)
     centres = (edges[:-1] + edges[1:]) / 2
     below = np.cumsum(counts)
     above = below[-1] - below
@@ -175,10 +181,25 @@ def _classes(image: torch.Tensor, fov: torch.Tensor, bins: int) -> torch.Tensor:
     classes = torch.zeros(image.shape, dtype=torch.int64)
     if inside.numel() < bins:
         return classes
-    body = fov & (image > otsu_threshold(inside.numpy()))
+    body = _filled(fov & (image > otsu_threshold(inside.numpy()))) & fov
     values = image[body]
     if values.numel() < bins:
         return classes
     edges = torch.quantile(values, torch.linspace(0, 1, bins)[1:-1])
     classes[body] = 1 + torch.bucketize(values, edges)
     return classes
+
+
+def _filled(mask: torch.Tensor) -> torch.Tensor:
+    """The body from its bright voxels: closed, then each axial slice's holes filled.
+
+    Above Otsu's threshold lies the bright part of a body; on an MR the dark organs inside it (liver, spleen,
+    muscle on many sequences) fall below and would count as air, so the body outline and its overlap with
+    another scan's would be wrong. Slice by slice, since a slab is open at its ends.
+    """
+    # Padded with its own edge first: a closing erodes a body cut by the grid's border, which would move it.
+    padded = np.pad(mask.numpy(), 1, mode="edge")
+    body = ndimage.binary_closing(padded, iterations=1)[1:-1, 1:-1, 1:-1]
+    for k in range(body.shape[2]):
+        body[:, :, k] = ndimage.binary_fill_holes(body[:, :, k])
+    return torch.from_numpy(body)
