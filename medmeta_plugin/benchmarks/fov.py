@@ -575,7 +575,9 @@ def fov_pairs(
         raise ValueError(f"unknown pair classes {unknown}; valid: {list(FOV_CLASSES)}.")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}.")
-    offset = 0 if split == "dev" else 1_000_000
+    # The test seeds were drawn anew once after a first test draw (1,000,000) had shown the confidence's
+    # reliance on the score (docs/benchmarks/placement.md): the reported pairs are ones nothing was chosen on.
+    offset = 0 if split == "dev" else 2_000_000
     for p, plan in enumerate(_PLANS):
         if plan.pair_class not in classes:
             continue

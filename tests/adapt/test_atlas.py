@@ -22,7 +22,15 @@ from tests.registration.conftest import dice, make_phantom, moved
 
 def _placement(sure: bool, confidence: float) -> Placement:
     return Placement(
-        np.eye(4), score=2.0, margin=1.0, overlap=0.8, confidence=confidence, sure=sure, seconds=0.1
+        np.eye(4),
+        score=2.0,
+        margin=1.0,
+        overlap=0.8,
+        gradients=0.6,
+        body=0.9,
+        confidence=confidence,
+        sure=sure,
+        seconds=0.1,
     )
 
 

@@ -14,11 +14,11 @@ from medmeta_plugin.adapt.atlas import fuse, head_region
 from medmeta_plugin.app.config import parse_conf
 from medmeta_plugin.app.engine import Engine, Example
 from medmeta_plugin.app.priors import _array
-from medmeta_plugin.io import read_image, write_image
+from medmeta_plugin.io import ImageMeta, read_image, write_image
 from medmeta_plugin.networks import TaskAdapter
 from medmeta_plugin.networks.heads import POSITION_HIDDEN
 from medmeta_plugin.networks.position import POSITION_CHANNELS
-from medmeta_plugin.registration import Placement, Registration
+from medmeta_plugin.registration import Placement, PlacementConfig, Registration
 from tests.app.conftest import app_conf
 
 
@@ -164,21 +164,46 @@ def test_bf16_precision_gives_float32_features_near_fp32(
     assert 0 < float(error.mean()) <= 0.02 * float(fp32.features.std()), "bf16 was used, and stayed close"
 
 
-def test_atlas_prior_carries_a_structure_to_another_modality(tmp_path: Path, studies: dict) -> None:
-    # Scan c with its contrast inverted stands for another modality: the ball the shipped backbone's head
-    # learned as bright on scan a is dark there. Scan a, registered onto it by mutual information, still
-    # says where the ball is.
-    image_a = str(studies["studies"] / "a.nii.gz")
-    image, meta = read_image(studies["studies"] / "c.nii.gz")
-    inverted = studies["studies"] / "c_inverted.nii.gz"
-    write_image(inverted, -image, meta)
-    truth = read_image(studies["c"])[0][0] == 1
+def _body_scan(meta: ImageMeta, ball_centre: np.ndarray, inverted: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A body (a 30 mm sphere of noisy tissue in air) holding a bright 9 mm ball, on ``meta``'s grid; with
+    ``inverted`` the contrast inside the body is turned over (the ball dark), as another modality would,
+    while air stays darkest, as in every modality. Returns image (1, X, Y, Z) and label (1, X, Y, Z)."""
+    rng = np.random.default_rng(7)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in meta.shape], indexing="ij"), axis=-1)
+    world = index @ (np.asarray(meta.direction) * np.asarray(meta.spacing)).T + np.asarray(meta.origin)
+    body = np.linalg.norm(world - np.array([40.0, 40.0, 40.0]), axis=-1) < 30.0
+    ball = np.linalg.norm(world - ball_centre, axis=-1) < 9.0
+    tissue = 1.0 + rng.normal(0.0, 0.15, meta.shape) + (-0.8 if inverted else 2.0) * ball
+    image = np.where(body, tissue, 0.0 + rng.normal(0.0, 0.05, meta.shape))
+    return image[None].astype(np.float32), ball[None].astype(np.uint8)
+
+
+def test_atlas_prior_carries_a_structure_to_another_modality(tmp_path: Path) -> None:
+    # The query stands for another modality: inside the body its contrast is turned over, so the ball the
+    # head learned as bright on the labelled scan is dark there; and it is stored in LPS voxel order with the
+    # patient moved. The labelled scan, placed and registered onto it by mutual information and gradients,
+    # still says where the ball is; the adapted head alone does not.
+    ras = ImageMeta((2.0, 2.0, 2.0), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)), (40, 40, 40))
+    lps = ImageMeta((2.0, 2.0, 2.0), (86.0, 74.0, 8.0), ((-1, 0, 0), (0, -1, 0), (0, 0, 1)), (44, 44, 40))
+    shift = np.array([6.0, -6.0, 8.0])  # where the patient lies in the query's world
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    labelled, label = _body_scan(ras, np.array([48.0, 34.0, 40.0]), inverted=False)
+    write_image(studies / "a.nii.gz", labelled, ras)
+    write_image(tmp_path / "a_label.nrrd", label, ras)
+    moved = dataclasses.replace(lps, origin=tuple(np.asarray(lps.origin) + shift))
+    query, truth = _body_scan(lps, np.array([48.0, 34.0, 40.0]), inverted=True)
+    write_image(studies / "b.nii.gz", query, moved)
     dice = {}
     for atlas in ("false", "true"):
         conf = {"spacing": "2", "adapt_steps": "10", "atlas": atlas}
         engine = Engine(parse_conf(conf), tmp_path / f"model-{atlas}")
-        engine.adapt_task("ball", "segmentation", [Example(image_a, str(studies["a"]), 1)])
-        dice[atlas] = _dice(engine.segment(inverted).labels[0] == 1, truth)
+        engine.adapt_task(
+            "ball", "segmentation", [Example(str(studies / "a.nii.gz"), str(tmp_path / "a_label.nrrd"), 1)]
+        )
+        result = engine.segment(studies / "b.nii.gz")
+        dice[atlas] = _dice(result.labels[0] == 1, truth[0] == 1)
+    assert result.provenance["ball"].found_by == "registered", result.provenance["ball"]
     assert dice["false"] < 0.3 and dice["true"] > 0.7, dice
 
 
@@ -257,13 +282,13 @@ def test_structures_answered_by_their_prior_need_no_backbone_pass(
 def _unsure(*args) -> Registration:
     """A registration whose placement was flagged unsure (confidence 0.21), the scan left where it is."""
     return Registration(
-        np.eye(4), -0.5, 0.2, "affine", None, Placement(np.eye(4), 0.4, 0.1, 0.5, 0.21, False, 0.1)
+        np.eye(4), -0.5, 0.2, "affine", None, Placement(np.eye(4), 0.4, 0.1, 0.5, 0.3, 0.5, 0.21, False, 0.1)
     )
 
 
 ALONE = "the adapted network's answer alone"
 REGISTERED = "registered: carried masks of 1 of 1 labelled scans placed sure"
-UNSURE = f"placement unsure (confidence 0.21 < 0.5): {ALONE}"
+UNSURE = f"placement unsure (confidence 0.21 < 0.7): {ALONE}"
 
 
 # ball adapted on scan a; conf, scan segmented, placement flagged unsure -> found_by, supports, sure_supports,
@@ -307,7 +332,7 @@ def test_each_answer_says_how_it_was_found(
     found = result.provenance["ball"]
     assert note in found.note
     if found_by == "registered":
-        assert 0.5 <= found.confidence <= 1.0
+        assert PlacementConfig().threshold <= found.confidence <= 1.0
     elif unsure:
         assert found.confidence == pytest.approx(0.21)
     else:
@@ -339,9 +364,9 @@ def test_some_placements_unsure_leave_the_sure_ones_serving(engine: Engine, stud
     volume, probs = engine.probabilities(image_c)
     found = engine.segment(image_c).provenance["ball"]
     assert (found.found_by, found.supports, found.sure_supports, found.sure) == ("registered", 2, 1, True)
-    assert "1 of 2" in found.note and "left out: 1 placed unsure (confidence 0.21 < 0.5)" in found.note
+    assert "1 of 2" in found.note and "left out: 1 placed unsure (confidence 0.21 < 0.7)" in found.note
     # The answer is scan a's carried mask alone.
     served_a = engine._atlas.prior(image_c, volume, engine.atlas_examples("ball")[:1])
     assert torch.equal(probs["ball"] > 0.5, served_a.prior >= 0.5)
     pairs = {(r["support"], r["sure"]) for r in engine.placements()["recent"] if r["query"] == "c.nii.gz"}
-    assert pairs == {("a.nii.gz", True), ("b.nii.gz", False)} and engine.placements()["threshold"] == 0.5
+    assert pairs == {("a.nii.gz", True), ("b.nii.gz", False)} and engine.placements()["threshold"] == PlacementConfig().threshold

@@ -21,7 +21,7 @@ def _priors() -> AtlasPriors:
 
 def _identity(sure: bool, confidence: float):
     """A ``register`` that puts every scan where it is, with a placement of the given confidence."""
-    placement = Placement(np.eye(4), 2.0, 1.0, 0.8, confidence, sure, 0.1)
+    placement = Placement(np.eye(4), 2.0, 1.0, 0.8, 0.6, 0.9, confidence, sure, 0.1)
     return lambda *args: Registration(np.eye(4), -0.5, 0.7, "affine", None, placement)
 
 

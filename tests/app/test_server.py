@@ -13,6 +13,7 @@ from monailabel.client import MONAILabelClient
 
 from medmeta_plugin.cli.serve import copy_app, running_server
 from medmeta_plugin.io import read_image
+from medmeta_plugin.registration import PlacementConfig
 
 LABEL_INFO = [{"name": "ball", "idx": 1}, {"name": "box", "idx": 2}]
 
@@ -66,7 +67,7 @@ def test_slicer_workflow_against_a_real_server(server, studies, tmp_path: Path) 
     assert found == {"ball": ("registered", 1, 1, True), "box": ("registered", 1, 1, True)}, provenance
     placement = client.info()["medmeta"]["placement"]
     pairs = {(r["query"], r["support"]): r["sure"] for r in placement["recent"]}
-    assert placement["threshold"] == 0.5 and pairs[("b.nii.gz", "a.nii.gz")] is True, placement
+    assert placement["threshold"] == PlacementConfig().threshold and pairs[("b.nii.gz", "a.nii.gz")] is True, placement
     label, meta = read_image(out)
     truth, truth_meta = read_image(studies["b"])
     assert meta.shape == truth_meta.shape
