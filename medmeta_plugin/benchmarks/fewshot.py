@@ -207,6 +207,7 @@ class _AtlasPriors:
 
     def __init__(self, transform: str) -> None:
         self.registrations = RegistrationCache(functools.partial(register, transform=transform))
+        self.unsure = 0  # queries where no support case was placed sure
         self.last: tuple[tuple, tuple[list[tuple[torch.Tensor, torch.Tensor]], float]] | None = None
 
     @staticmethod
@@ -215,9 +216,10 @@ class _AtlasPriors:
 
     def priors(
         self, task: EvalTask, drawn: list[dict[str, Any]]
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
-        """The prior and its distance log-odds ((X, Y, Z) each) of ``drawn`` on each query, and the seconds
-        one computation of them takes (its registrations as measured when first computed, plus the rest).
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor] | None], float]:
+        """The prior and its distance log-odds ((X, Y, Z) each) of ``drawn`` on each query (None where no
+        support case was placed sure), and the seconds one computation of them takes (its registrations as
+        measured when first computed, plus the rest).
         """
         draw = (task.name, tuple(id(it["image"]) for it in drawn))
         if self.last is not None and self.last[0] == draw:
@@ -230,23 +232,29 @@ class _AtlasPriors:
         for q in task.query:
             fresh = {(id(q["image"]), c.key) for c in cases} - set(self.registrations.entries)
             start = time.perf_counter()
-            # Every registered case, sure or not, as before placement said how sure it is.
+            # As the app serves it: only the cases placed sure are carried; with none, no prior (the app
+            # then answers with the adapted head alone, and the carried-masks method with nothing).
             prior = atlas_prior(
-                id(q["image"]),
-                q["image"][0].numpy(),
-                q["affine"],
-                cases,
-                self.registrations,
-                require_sure=False,
+                id(q["image"]), q["image"][0].numpy(), q["affine"], cases, self.registrations
             ).prior
-            distance = prior_logits(prior, q["affine"])
+            if prior is None:
+                self.unsure += 1
+            distance = None if prior is None else prior_logits(prior, q["affine"])
             elapsed = time.perf_counter() - start
             pairs = [self.registrations.entries[(id(q["image"]), c.key)] for c in cases]
             fresh_seconds = sum(self.registrations.entries[key].seconds for key in fresh)
             seconds += elapsed - fresh_seconds + sum(r.seconds for r in pairs)
-            priors.append((torch.from_numpy(prior), torch.from_numpy(distance)))
+            priors.append(None if prior is None else (torch.from_numpy(prior), torch.from_numpy(distance)))
         self.last = (draw, (priors, seconds))
         return priors, seconds
+
+
+def _carried_logits(prior: tuple[torch.Tensor, torch.Tensor] | None, query: dict[str, Any]) -> torch.Tensor:
+    """The carried masks' answer on a query, (X, Y, Z): prior - 0.5, or nothing where no case was placed
+    sure."""
+    if prior is None:
+        return torch.full(query["label"].shape[1:], -0.5)
+    return prior[0] - 0.5
 
 
 @torch.no_grad()
@@ -256,7 +264,7 @@ def _score(
     name: str,
     divisor: int,
     cached: tuple[_FeatureCache, str] | None = None,
-    priors: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    priors: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
     precision: str = "fp32",
 ) -> float:
     """Mean score over the query cases (Dice, accuracy, or mean absolute error for regression).
@@ -282,7 +290,7 @@ def _score(
             logits = model.task(name).head(cache.get(family, model.backbone, q["image"])[0])
         else:
             logits = model(_pad(q["image"], divisor)[None].to(device), name, precision)
-        if priors is not None:
+        if priors is not None and priors[len(scores)] is not None:  # no prior: the head alone, as served
             prior, distance = priors[len(scores)]
             prior = _pad(prior[None], divisor)[0].to(device)
             distance = _pad(distance[None], divisor, value=-PRIOR_CAP)[0].to(device)
@@ -363,8 +371,8 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
             value = float(
                 np.mean(
                     [
-                        task_score("segmentation", (p - 0.5)[None, None], q["label"][None])
-                        for (p, _), q in zip(priors, task.query)
+                        task_score("segmentation", _carried_logits(p, q)[None, None], q["label"][None])
+                        for p, q in zip(priors, task.query)
                     ]
                 )
             )
@@ -436,7 +444,14 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu: {platform.machine()}, {torch.get_num_threads()} threads"
-    return {"suite": config.suite, "device": name, "config": {**config.__dict__}, "records": records}
+    config_dict = {**config.__dict__}
+    return {
+        "suite": config.suite,
+        "device": name,
+        "config": config_dict,
+        "records": records,
+        "unsure_placements": atlas.unsure,
+    }
 
 
 def summarise(results: dict[str, Any]) -> str:

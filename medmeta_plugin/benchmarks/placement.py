@@ -313,3 +313,79 @@ def write_results(path: str, records: Sequence[dict[str, Any]], meta: dict[str, 
     """``{"meta": ..., "summary": ..., "records": [...]}`` as JSON."""
     with open(path, "w") as f:
         json.dump({"meta": meta, "summary": summarise(records), "records": list(records)}, f, indent=1)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as Markdown: one row per (class, method), then the confidence's separation."""
+    lines = [
+        "| class | method | pairs | placed <= 15 mm | median error mm | Dice | of ceiling | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for cls, methods in summary["classes"].items():
+        for method, row in methods.items():
+            lines.append(
+                f"| {cls} | {method} | {row['pairs']} | {cell(row['placed_within_15mm'], '.0%')} | "
+                f"{cell(row['median_error_axis_mm'], '.1f')} | {cell(row['dice'], '.3f')} | "
+                f"{cell(row['dice_of_ceiling'], '.0%')} | {row['seconds']:.1f} |"
+            )
+    conf = summary.get("confidence") or {}
+    if conf:
+        lines += [
+            "",
+            f"Confidence: {cell(conf['wrong_flagged'], '.0%')} of {conf['wrong']} wrong placements flagged "
+            f"(error > {WRONG_MM:.0f} mm along the body axis, or a head against an abdomen), "
+            f"{cell(conf['right_passed'], '.0%')} of {conf['right']} right ones passed; placement "
+            f"{conf['placement_seconds']:.2f} s a pair on average, "
+            f"{conf['placement_seconds_max']:.2f} s at most.",
+        ]
+    return "\n".join(lines)
+
+
+def plot(records: Sequence[dict[str, Any]], path: str) -> str:
+    """Two panels: the share of pairs placed within each error (per class, ``medmeta``), and each pair's
+    carried-mask Dice against the truth-started ceiling's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    colours = dict(zip(FOV_CLASSES, ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:grey")))
+    ceiling = {r["pair"]: r["dice"] for r in records if r["method"] == "truth-start"}
+    for cls in FOV_CLASSES[:-1]:
+        ours = [r for r in records if r["method"] == "medmeta" and r["class"] == cls]
+        errors = np.sort(
+            [r["placement_error_axis_mm"] for r in ours if r.get("placement_error_axis_mm") is not None]
+        )
+        if errors.size:
+            left.step(
+                errors,
+                np.arange(1, errors.size + 1) / errors.size,
+                where="post",
+                label=cls,
+                color=colours[cls],
+            )
+        pts = [
+            (ceiling[r["pair"]], r["dice"]) for r in ours if r["dice"] is not None and r["pair"] in ceiling
+        ]
+        if pts:
+            right.scatter(*zip(*pts), s=14, label=cls, color=colours[cls])
+    left.axvline(PLACED_MM, color="k", lw=0.8, ls="--")
+    left.set_xscale("symlog", linthresh=10)
+    left.set_xlabel("placement error along the body axis (mm)")
+    left.set_ylabel("share of pairs")
+    left.legend(loc="lower right")
+    right.plot([0, 1], [0, 1], color="k", lw=0.8)
+    right.plot([0, 1], [0, 0.9], color="k", lw=0.8, ls=":")
+    right.set_xlabel("Dice, started from the truth (ceiling)")
+    right.set_ylabel("Dice, medmeta (placement, rigid, affine)")
+    right.set_xlim(0, 1)
+    right.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
+import sys
 from pathlib import Path
 
 from medmeta_plugin.cli import app_benchmarks, serve
@@ -271,7 +274,28 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--head", choices=("linear", "mlp"), default="linear", help="the probe's head")
     r.add_argument("--out", type=Path, default=Path("results_probe.json"))
     r.set_defaults(func=_benchmark_probe)
+    _add_placement(inner)
     app_benchmarks.add_parsers(inner)
+
+
+def _add_placement(inner: argparse._SubParsersAction) -> None:
+    from medmeta_plugin.benchmarks.fov import FOV_CLASSES
+    from medmeta_plugin.benchmarks.placement import PLACEMENT_METHODS
+
+    p = inner.add_parser(
+        "placement",
+        help="the field-of-view suite: where a scan lies in another (slabs, poses, modalities), and how sure",
+    )
+    p.add_argument("--split", choices=("dev", "test"), default="test", help="dev: calibration pairs")
+    p.add_argument("--repeats", type=int, default=2, help="pairs per plan (20 plans)")
+    p.add_argument(
+        "--methods", nargs="+", choices=PLACEMENT_METHODS, default=["medmeta", "truth-start", "centres"]
+    )
+    p.add_argument("--classes", nargs="+", choices=FOV_CLASSES, default=list(FOV_CLASSES))
+    p.add_argument("--transform", choices=("rigid", "affine", "bspline"), default="affine")
+    p.add_argument("--out", type=Path, default=Path("results_placement.json"))
+    p.add_argument("--plot", type=Path, help="PNG: placement error per class, Dice against the ceiling")
+    p.set_defaults(func=_benchmark_placement)
 
 
 def _benchmark_fewshot(args: argparse.Namespace) -> int:
@@ -349,6 +373,55 @@ def _benchmark_probe(args: argparse.Namespace) -> int:
     print(summarise_probe(results))
     print(f"results: {args.out}")
     return 0
+
+
+def _benchmark_placement(args: argparse.Namespace) -> int:
+    import subprocess
+    import time
+
+    from medmeta_plugin.benchmarks.placement import (
+        PlacementBenchmark,
+        format_summary,
+        plot,
+        run_placement_benchmark,
+        summarise,
+        write_results,
+    )
+
+    config = PlacementBenchmark(
+        split=args.split,
+        repeats=args.repeats,
+        methods=tuple(args.methods),
+        classes=tuple(args.classes),
+        transform=args.transform,
+    )
+    start = time.perf_counter()
+    records = run_placement_benchmark(config, progress=print)
+    try:
+        version = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        version = ""
+    meta = {
+        "command": "medmeta benchmark placement " + " ".join(sys.argv[3:]),
+        "code_version": version,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {_torch_threads()}",
+        "seconds": round(time.perf_counter() - start, 1),
+        "config": dataclasses.asdict(config),
+    }
+    write_results(str(args.out), records, meta)
+    print(format_summary(summarise(records)))
+    if args.plot is not None:
+        print(f"plot: {plot(records, str(args.plot))}")
+    print(f"results: {args.out} ({meta['seconds']:.0f} s)")
+    return 0
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 PARSERS = (_add_info, _add_check, _add_tasks, _add_synth, _add_meta_train, _add_benchmark, *serve.PARSERS)
