@@ -369,4 +369,7 @@ def test_some_placements_unsure_leave_the_sure_ones_serving(engine: Engine, stud
     served_a = engine._atlas.prior(image_c, volume, engine.atlas_examples("ball")[:1])
     assert torch.equal(probs["ball"] > 0.5, served_a.prior >= 0.5)
     pairs = {(r["support"], r["sure"]) for r in engine.placements()["recent"] if r["query"] == "c.nii.gz"}
-    assert pairs == {("a.nii.gz", True), ("b.nii.gz", False)} and engine.placements()["threshold"] == PlacementConfig().threshold
+    assert (
+        pairs == {("a.nii.gz", True), ("b.nii.gz", False)}
+        and engine.placements()["threshold"] == PlacementConfig().threshold
+    )

@@ -67,7 +67,9 @@ def test_slicer_workflow_against_a_real_server(server, studies, tmp_path: Path) 
     assert found == {"ball": ("registered", 1, 1, True), "box": ("registered", 1, 1, True)}, provenance
     placement = client.info()["medmeta"]["placement"]
     pairs = {(r["query"], r["support"]): r["sure"] for r in placement["recent"]}
-    assert placement["threshold"] == PlacementConfig().threshold and pairs[("b.nii.gz", "a.nii.gz")] is True, placement
+    assert (
+        placement["threshold"] == PlacementConfig().threshold and pairs[("b.nii.gz", "a.nii.gz")] is True
+    ), placement
     label, meta = read_image(out)
     truth, truth_meta = read_image(studies["b"])
     assert meta.shape == truth_meta.shape
