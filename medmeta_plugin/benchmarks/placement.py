@@ -398,3 +398,55 @@ def plot(records: Sequence[dict[str, Any]], path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+#: The placement's figures the confidence is fitted on (:data:`~medmeta_plugin.registration.placement.
+#: CONFIDENCE_WEIGHTS`).
+CONFIDENCE_FIGURES = ("margin", "gradients", "body")
+
+
+def calibrate(records: Sequence[dict[str, Any]], steps: int = 20_000, l2: float = 0.02) -> dict[str, Any]:
+    """Fit the placement confidence's logistic curve on ``medmeta`` records (a dev run): weights per figure
+    of :data:`CONFIDENCE_FIGURES` and a bias, by gradient descent on the log-loss of right (1) vs wrong (0),
+    on standardised figures with a small L2 penalty; and the share of wrong placements flagged and of right
+    ones passed at several thresholds.
+
+    Raises:
+        ValueError: without both right and wrong placements among the records.
+    """
+    from medmeta_plugin.registration.placement import MARGIN_CAP
+
+    ours = [r for r in records if r["method"] == "medmeta" and "placement" in r]
+    wrong = np.array([r["class"] == "head-abdomen" or r["placement_error_axis_mm"] > WRONG_MM for r in ours])
+    if not ours or wrong.all() or not wrong.any():
+        raise ValueError("calibration needs medmeta records with both right and wrong placements.")
+    x = np.array(
+        [
+            [min(r["placement"]["margin"], MARGIN_CAP), r["placement"]["gradients"], r["placement"]["body"]]
+            for r in ours
+        ]
+    )
+    y = (~wrong).astype(np.float64)
+    mean, std = x.mean(0), x.std(0) + 1e-9
+    z = (x - mean) / std
+    w, b = np.zeros(x.shape[1]), 0.0
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-(z @ w + b)))
+        w -= 0.05 * (z.T @ (p - y) / len(y) + l2 * w)
+        b -= 0.05 * float((p - y).mean())
+    weights = w / std
+    bias = b - float((w * mean / std).sum())
+    p = 1.0 / (1.0 + np.exp(-(x @ weights + bias)))
+    return {
+        "weights": {k: round(float(v), 3) for k, v in zip(CONFIDENCE_FIGURES, weights)},
+        "bias": round(bias, 3),
+        "wrong": int(wrong.sum()),
+        "right": int((~wrong).sum()),
+        "thresholds": {
+            f"{t:.1f}": {
+                "wrong_flagged": float((p[wrong] < t).mean()),
+                "right_passed": float((p[~wrong] >= t).mean()),
+            }
+            for t in (0.3, 0.5, 0.6, 0.7, 0.8)
+        },
+    }

@@ -295,6 +295,11 @@ def _add_placement(inner: argparse._SubParsersAction) -> None:
     p.add_argument("--transform", choices=("rigid", "affine", "bspline"), default="affine")
     p.add_argument("--out", type=Path, default=Path("results_placement.json"))
     p.add_argument("--plot", type=Path, help="PNG: placement error per class, Dice against the ceiling")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit the placement confidence's weights on this run (a dev run) and print them",
+    )
     p.set_defaults(func=_benchmark_placement)
 
 
@@ -381,6 +386,7 @@ def _benchmark_placement(args: argparse.Namespace) -> int:
 
     from medmeta_plugin.benchmarks.placement import (
         PlacementBenchmark,
+        calibrate,
         format_summary,
         plot,
         run_placement_benchmark,
@@ -414,6 +420,8 @@ def _benchmark_placement(args: argparse.Namespace) -> int:
     print(format_summary(summarise(records)))
     if args.plot is not None:
         print(f"plot: {plot(records, str(args.plot))}")
+    if args.calibrate:
+        print("confidence fitted on this run:", json.dumps(calibrate(records), indent=1))
     print(f"results: {args.out} ({meta['seconds']:.0f} s)")
     return 0
 
