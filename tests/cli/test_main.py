@@ -76,3 +76,49 @@ def test_benchmark_offers_every_registration_transform() -> None:
         assert parser.parse_args([*command, transform]).registration == transform
     with pytest.raises(SystemExit):
         parser.parse_args([*command, "demons"])
+
+
+def test_benchmark_placement_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["benchmark", "placement", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--split", "--repeats", "--methods", "--classes", "--transform", "--plot", "--calibrate"):
+        assert option in out
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ([], {"split": "test", "repeats": 2, "methods": ["medmeta", "truth-start", "centres"]}),
+        (
+            ["--split", "dev", "--repeats", "1", "--classes", "mr-mr", "brain", "--calibrate"],
+            {"split": "dev", "repeats": 1, "classes": ["mr-mr", "brain"], "calibrate": True},
+        ),
+        (["--methods", "medmeta", "elastix-affine", "--transform", "rigid"], {"transform": "rigid"}),
+    ],
+)
+def test_benchmark_placement_parses_its_options(options: list[str], expected: dict) -> None:
+    args = build_parser().parse_args(["benchmark", "placement", *options])
+    assert args.func.__name__ == "_benchmark_placement"
+    for name, value in expected.items():
+        assert getattr(args, name) == value
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (["--split", "val"], "invalid choice: 'val'"),
+        (["--classes", "mr-ct"], "invalid choice: 'mr-ct'"),
+        (["--methods", "ants"], "invalid choice: 'ants'"),
+        (["--transform", "demons"], "invalid choice: 'demons'"),
+        (["--repeats", "two"], "invalid int value: 'two'"),
+    ],
+)
+def test_benchmark_placement_rejects_invalid_options(
+    capsys: pytest.CaptureFixture[str], options: list[str], match: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["benchmark", "placement", *options])
+    assert exit_.value.code == 2
+    assert match in capsys.readouterr().err
