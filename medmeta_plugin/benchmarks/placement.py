@@ -284,6 +284,7 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for method in dict.fromkeys(r["method"] for r in rows):
             mine = [r for r in rows if r["method"] == method]
             errors = [r["error_axis_mm"] for r in mine if r.get("error_axis_mm") is not None]
+            # a pair with no answer (no start found) counts as not placed
             dice = [r["dice"] for r in mine if r["dice"] is not None]
             paired = [
                 (r["dice"], ceiling[r["pair"]])
@@ -292,7 +293,9 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             ]
             by_method[method] = {
                 "pairs": len(mine),
-                "placed_within_15mm": float(np.mean([e <= PLACED_MM for e in errors])) if errors else None,
+                "placed_within_15mm": float(sum(e <= PLACED_MM for e in errors) / len(mine))
+                if errors
+                else None,
                 "median_error_axis_mm": float(np.median(errors)) if errors else None,
                 "dice": float(np.mean(dice)) if dice else None,
                 "dice_of_ceiling": float(np.mean([d for d, _ in paired]) / np.mean([c for _, c in paired]))

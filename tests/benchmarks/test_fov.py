@@ -246,11 +246,12 @@ def test_truth_carries_every_structure_of_every_extent(
         for name in pair.structures:
             gap, seen = _seen_by_both_gap(pair, name, pair.truth)
             assert seen >= fov._MIN_VOXELS and gap < fov.WORKING_SPACING, (pair.name, name, gap)
-        # and the measure sees a truth 10 mm off along the body axis
+        # and the measure sees a truth 10 mm off along the body axis (by more than a working voxel: two
+        # thin slabs that overlap in part cut each structure at both ends, which dampens the gap)
         along = np.eye(4)
         along[:3, 3] = 10.0 * pair.body_axis
         off = max(_seen_by_both_gap(pair, n, pair.truth @ along)[0] for n in pair.structures)
-        assert off > 2 * fov.WORKING_SPACING, pair.name
+        assert off > fov.WORKING_SPACING, pair.name
 
 
 def test_two_patients_pairs_carry_the_measured_translation(real_root: Path) -> None:
@@ -332,11 +333,6 @@ def test_another_subject_moves_the_content_by_its_affine_part(seed: int, elastic
         assert np.linalg.norm(_centroid(label, affine, value) - expected) < tolerance, name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fov._acquire grids the bounding box of the slab in the tilted scanner frame and samples the "
-    "source everywhere in it: a 20 mm slab holds 1.3-5x a slab's anatomy (more, the more it is tilted)",
-)
 def test_a_slab_holds_a_slab_of_anatomy() -> None:
     """A slab of ``t`` mm of a source ``W x D`` mm across holds about ``W D t`` of anatomy, however the header
     is tilted (a tilted slab covers more levels at its sides, not more volume)."""

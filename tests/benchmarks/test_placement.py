@@ -139,12 +139,6 @@ def test_summarise_leaves_out_classes_without_pairs() -> None:
     assert without_ours["confidence"] == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="summarise computes placed_within_15mm over the records that have an error only: a pair the "
-    "centres baseline answered nothing on (no start overlapped) drops out of the share, so the baseline "
-    "scores 100 % on 1 of 2 pairs",
-)
 def test_an_unanswered_pair_is_not_placed() -> None:
     records = [
         _record("c1", "ct-ct", "centres", None, 0.0),  # as _run_ours records it: Dice 0, no error
