@@ -259,7 +259,13 @@ def run_placement_benchmark(
                         continue
                     records.append(_record(pair, method, record["matrix"], record["dice"], record["seconds"]))
                     continue
-                records.append(_run_ours(pair, method, config.transform))
+                try:
+                    records.append(_run_ours(pair, method, config.transform))
+                except ValueError as err:  # the registration failed: the app leaves that scan out
+                    logger.warning("%s on %s failed: %s", method, pair.name, err)
+                    records.append(
+                        _record(pair, method, None, dict.fromkeys(pair.structures, 0.0), 0.0, failed=str(err))
+                    )
             if progress is not None:
                 line = ", ".join(
                     f"{r['method']} {r.get('error_axis_mm', '-')} mm Dice {r['dice']}"

@@ -50,7 +50,11 @@ def shrunk(image: itk.Image, factor: int) -> itk.Image:
     """Smoothed (sigma half the new voxel size), shrunk by ``factor`` along each axis of size > 2 factor."""
     spacing = np.asarray(itk.spacing(image), dtype=np.float64)
     factors = [factor if size > 2 * factor else 1 for size in itk.size(image)]
-    smooth = itk.smoothing_recursive_gaussian_image_filter(image, sigma=float(factor * spacing.mean() / 2))
+    sigma = float(factor * spacing.mean() / 2)
+    if min(itk.size(image)) < 4:  # ITK's recursive Gaussian needs 4 voxels per axis (a thin slab has fewer)
+        smooth = itk.discrete_gaussian_image_filter(image, variance=sigma**2, use_image_spacing=True)
+    else:
+        smooth = itk.smoothing_recursive_gaussian_image_filter(image, sigma=sigma)
     return itk.shrink_image_filter(smooth, shrink_factors=factors)
 
 
