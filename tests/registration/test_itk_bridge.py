@@ -118,6 +118,16 @@ def test_shrunk_shrinks_only_axes_longer_than_twice_the_factor(volume, factor, e
     np.testing.assert_allclose(np.asarray(itk.spacing(out)), np.array([1.0, 2.0, 3.0]) * factors)
 
 
+@pytest.mark.parametrize("thickness", [2, 3])  # a 3D scan has at least 2 voxels per axis
+def test_shrunk_smooths_a_slab_thinner_than_four_voxels(thickness) -> None:
+    # ITK's recursive Gaussian refuses axes under 4 voxels; a 20 mm slab at 6 mm slices has 3.
+    volume = np.random.default_rng(0).normal(size=(20, 18, thickness)).astype(np.float32)
+    out = shrunk(to_itk(volume, _affine((3.0, 3.0, 6.0))), 2)
+    assert tuple(itk.size(out)) == (10, 9, thickness)
+    smoothed = itk.array_from_image(out)
+    assert np.isfinite(smoothed).all() and smoothed.std() < volume.std()
+
+
 def test_deterministic_registration_runs_itk_on_one_thread_and_restores_the_setting() -> None:
     threader = itk.MultiThreaderBase
     before = threader.GetGlobalDefaultNumberOfThreads()
