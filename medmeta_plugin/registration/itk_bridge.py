@@ -47,9 +47,11 @@ def from_itk(image: itk.Image, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def shrunk(image: itk.Image, factor: int) -> itk.Image:
-    """Smoothed (sigma half the new voxel size), shrunk by ``factor`` along each axis of size > 2 factor."""
+    """Smoothed (sigma half the new voxel size), shrunk by ``factor`` along each axis of 4 factor or more."""
     spacing = np.asarray(itk.spacing(image), dtype=np.float64)
-    factors = [factor if size > 2 * factor else 1 for size in itk.size(image)]
+    # An axis is shrunk only if 4 voxels remain (ITK's recursive Gaussians, the metric's gradients among them,
+    # need 4): a 20 mm slab at 3 mm keeps its 7 voxels.
+    factors = [factor if size >= 4 * factor else 1 for size in itk.size(image)]
     sigma = float(factor * spacing.mean() / 2)
     if min(itk.size(image)) < 4:  # ITK's recursive Gaussian needs 4 voxels per axis (a thin slab has fewer)
         smooth = itk.discrete_gaussian_image_filter(image, variance=sigma**2, use_image_spacing=True)

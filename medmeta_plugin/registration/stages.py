@@ -68,6 +68,9 @@ def optimise(
     metric = itk.MattesMutualInformationImageToImageMetricv4[image_type, image_type].New(
         NumberOfHistogramBins=32
     )
+    if min(*itk.size(fixed), *itk.size(moving)) < 4:  # recursive-Gaussian gradients need 4 voxels per axis
+        metric.SetUseFixedImageGradientFilter(False)
+        metric.SetUseMovingImageGradientFilter(False)
     optimizer = itk.RegularStepGradientDescentOptimizerv4[itk.D].New(
         LearningRate=step_mm,
         MinimumStepLength=min_step_mm,

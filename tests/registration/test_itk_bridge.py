@@ -109,13 +109,23 @@ def test_to_itk_and_back_returns_the_array_on_its_world_grid(volume, spacing, ro
         np.testing.assert_allclose(world, (affine @ np.r_[index, 1.0])[:3], atol=1e-6)
 
 
-@pytest.mark.parametrize(("factor", "expected"), [(1, (5, 6, 7)), (2, (2, 3, 3)), (3, (5, 6, 2))])
-def test_shrunk_shrinks_only_axes_longer_than_twice_the_factor(volume, factor, expected) -> None:
+@pytest.mark.parametrize(("factor", "expected"), [(1, (5, 6, 7)), (2, (5, 6, 7)), (3, (5, 6, 7))])
+def test_shrunk_keeps_at_least_four_voxels_per_axis(volume, factor, expected) -> None:
     affine = _affine((1.0, 2.0, 3.0), origin=(10.0, 20.0, 30.0))
     out = shrunk(to_itk(volume, affine), factor)
     assert tuple(itk.size(out)) == expected
-    factors = np.array([factor if n > 2 * factor else 1 for n in volume.shape])
+    factors = np.array([factor if n >= 4 * factor else 1 for n in volume.shape])
     np.testing.assert_allclose(np.asarray(itk.spacing(out)), np.array([1.0, 2.0, 3.0]) * factors)
+
+
+@pytest.mark.parametrize(
+    ("shape", "factor", "expected"),
+    [((16, 9, 7), 2, (8, 4, 7)), ((16, 12, 40), 4, (4, 12, 10)), ((8, 8, 8), 2, (4, 4, 4))],
+)
+def test_shrunk_shrinks_the_axes_that_keep_four_voxels(shape, factor, expected) -> None:
+    volume = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    out = shrunk(to_itk(volume, _affine((1.0, 2.0, 3.0))), factor)
+    assert tuple(itk.size(out)) == expected
 
 
 @pytest.mark.parametrize("thickness", [2, 3])  # a 3D scan has at least 2 voxels per axis
