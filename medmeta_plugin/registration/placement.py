@@ -55,8 +55,8 @@ class PlacementConfig:
         refine: best candidates refined by a rigid registration and scored again.
         distinct_mm: a candidate farther than this from the best (at the fixed scan's body centre) is a
             different answer; the best of those sets the margin.
-        threshold: least confidence of a placement that is served as sure (on the development pairs: 92 %
-            of wrong placements below it, 92 % of right ones above).
+        threshold: least confidence of a placement that is served as sure (on the development pairs: all 16
+            wrong placements below it, 91 % of the right ones above).
     """
 
     spacing_mm: float = 6.0
@@ -142,8 +142,8 @@ def rotation_matrix(rotation_deg: tuple[float, float, float] | np.ndarray) -> np
 # capped (a placement with no rival at all is not infinitely sure). The score itself is left out: as a
 # z-score over every shift it grows with the number of shifts a thin slab has in a long scan, so a head
 # slab in an abdomen scored as high as a right placement (docs/benchmarks/placement.md).
-CONFIDENCE_WEIGHTS = {"margin": 0.342, "gradients": 9.273, "body": 3.645}
-CONFIDENCE_BIAS = -6.952
+CONFIDENCE_WEIGHTS = {"margin": 0.301, "gradients": 11.861, "body": 2.399}
+CONFIDENCE_BIAS = -7.226
 MARGIN_CAP = 10.0
 # Voxels the rigid refinement of a candidate samples (a seeded regular grid): 0.09 s a candidate where all
 # of a 6 mm grid's voxels took 0.2-0.5 s, for a start that the local stages refine again anyway.
