@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,7 @@ class MedMetaRuntime:
         its current labels (none yet on this backbone, or labels added or replaced since)."""
         self.worker.start()
         if self.config.atlas:  # ITK's first registration loads its modules (~12 s): not on a user's request
-            threading.Thread(
-                target=warm_up, args=(self.config.registration,), name="medmeta-itk-warm-up", daemon=True
-            ).start()
+            threading.Thread(target=self._warm_up, name="medmeta-itk-warm-up", daemon=True).start()
         stale = []
         for task, entry in collect_examples(self.datastore, self.config.label_map).items():
             meta = self.engine.served_meta(task)
@@ -61,6 +60,15 @@ class MedMetaRuntime:
             if meta is None or meta.get("examples") != examples_fingerprint(used):
                 stale.append(task)
         return self.worker.request(stale) if stale else []
+
+    def _warm_up(self) -> None:
+        start = time.perf_counter()
+        try:
+            warm_up(self.config.registration)
+        except Exception:  # the warm-up only saves time; a request would meet the same failure and report it
+            logger.exception("medmeta: the registration warm-up failed")
+            return
+        logger.info("medmeta: registration modules loaded in %.1f s", time.perf_counter() - start)
 
     def refresh(self) -> None:
         """Pick up a train task's output; after a backbone change, re-adapt every labelled task on it."""

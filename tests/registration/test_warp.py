@@ -96,6 +96,27 @@ def test_signed_distance_is_in_mm_and_negative_inside(spacing: tuple[float, floa
     # 10 mm deep, less up to one voxel (the outermost voxels are at 0): in voxels it would read 4 to 20.
     assert -10.5 < distance[centre] < -7.5
     assert np.isinf(signed_distance_mm(np.zeros((4, 4, 4)), np.eye(4))).all()
+    assert (signed_distance_mm(np.ones((4, 4, 4)), np.eye(4)) == -np.inf).all()  # all inside, no boundary
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.7, 1.5, 3.0)])
+def test_signed_distance_equals_itks_signed_maurer_map(spacing: tuple[float, float, float]) -> None:
+    """SciPy's transform stands in for ITK's (whose modules take seconds to load): the same map."""
+    rng = np.random.default_rng(3)
+    mask = np.zeros((24, 20, 16), dtype=bool)
+    mask[4:18, 5:15, 3:11] = True
+    mask[rng.random(mask.shape) < 0.03] = True  # specks and holes: many small boundaries
+    mask[rng.random(mask.shape) < 0.03] = False
+    mask[:, :, -1] |= mask[:, :, -2]  # the mask touches the grid's edge
+    affine = np.diag([*spacing, 1.0])
+    image = itk.cast_image_filter(
+        to_itk(mask.astype(np.float32), affine), ttype=(itk.Image[itk.F, 3], itk.Image[itk.UC, 3])
+    )
+    reference = itk.signed_maurer_distance_map_image_filter(
+        image, use_image_spacing=True, squared_distance=False, inside_is_positive=False
+    )
+    expected = itk.array_from_image(reference).transpose(2, 1, 0)  # ITK's (z, y, x) -> (x, y, z)
+    np.testing.assert_allclose(signed_distance_mm(mask, affine), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize(
