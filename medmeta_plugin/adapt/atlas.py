@@ -51,12 +51,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from medmeta_plugin.caching import BoundedCache
 from medmeta_plugin.registration import Placement, Registration, register, signed_distance_mm, warp_to
 
 __all__ = [
     "AtlasCase",
     "CarriedCase",
     "CarriedPrior",
+    "REGISTRATIONS_KEPT",
     "RegistrationCache",
     "atlas_prior",
     "fuse",
@@ -171,12 +173,18 @@ class CarriedPrior:
         return max(values) if values else None
 
 
+#: Registrations a cache keeps: an entry is a 4x4 matrix and a few floats (a B-spline's parameters at most
+#: some kB), so a server that has segmented 1,000 scans against 10 labelled ones keeps all 10,000 pairs in
+#: a few MB.
+REGISTRATIONS_KEPT = 10_000
+
+
 class RegistrationCache:
     """Registrations by (query key, support key): one per pair of scans, shared by all their structures.
 
-    An entry is a 4x4 matrix and a few floats, so the cache is not bounded: a server that has segmented
-    1,000 scans against 10 labelled ones holds 10,000 of them, under 2 MB. A registration that failed (the
-    two scans cannot be placed) is remembered too, so it is not attempted again on every request.
+    A registration that failed (the two scans cannot be placed) is remembered too, so it is not attempted
+    again on every request. At most :data:`REGISTRATIONS_KEPT` pairs are kept, the least recently used
+    leaving first.
 
     Args:
         register: computes a registration, called as ``register(query, query_affine, support,
@@ -185,8 +193,7 @@ class RegistrationCache:
 
     def __init__(self, register: Callable[..., Registration] = register) -> None:
         self.register = register
-        self.entries: dict[tuple[Hashable, Hashable], Registration] = {}
-        self.failures: dict[tuple[Hashable, Hashable], str] = {}
+        self._cache: BoundedCache[Registration] = BoundedCache(REGISTRATIONS_KEPT, remember_failures=True)
 
     def get(
         self, query_key: Hashable, query: np.ndarray, query_affine: np.ndarray, case: AtlasCase
@@ -196,16 +203,17 @@ class RegistrationCache:
         Raises:
             ValueError: if the registration failed (now or when first attempted).
         """
-        key = (query_key, case.key)
-        if key in self.failures:
-            raise ValueError(self.failures[key])
-        if key not in self.entries:
-            try:
-                self.entries[key] = self.register(query, query_affine, case.image, case.affine)
-            except ValueError as err:
-                self.failures[key] = str(err)
-                raise
-        return self.entries[key]
+        return self._cache.get(
+            (query_key, case.key), lambda: self.register(query, query_affine, case.image, case.affine)
+        )
+
+    def peek(self, query_key: Hashable, support_key: Hashable) -> Registration | None:
+        """The registration of a pair if it was computed (and is still kept), else None."""
+        return self._cache.peek((query_key, support_key))
+
+    def failure(self, query_key: Hashable, support_key: Hashable) -> ValueError | None:
+        """Why the registration of a pair failed, if it did."""
+        return self._cache.failure((query_key, support_key))
 
 
 def atlas_prior(

@@ -11,8 +11,6 @@ user's request often ask for the same new scan at once).
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from monai.inferers import sliding_window_inference
 
 from medmeta_plugin.app.config import AppConfig
 from medmeta_plugin.app.grid import WorkingVolume, load_working
+from medmeta_plugin.caching import BoundedCache
 from medmeta_plugin.networks import Backbone3D, BackboneOutput, FullAdapter, TaskAdapter
 from medmeta_plugin.networks.position import body_position
 from medmeta_plugin.networks.precision import autocast
@@ -93,15 +92,12 @@ class FeatureCache:
 
     def __init__(self, config: AppConfig, device: torch.device) -> None:
         self.config, self.device = config, device
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple, tuple[WorkingVolume, BackboneOutput]] = OrderedDict()
-        self._volumes: OrderedDict[tuple, WorkingVolume] = OrderedDict()
-        self._computing: dict[tuple, threading.Event] = {}
+        self._entries: BoundedCache[tuple[WorkingVolume, BackboneOutput]] = BoundedCache(CACHE_ENTRIES)
+        self._volumes: BoundedCache[WorkingVolume] = BoundedCache(CACHE_ENTRIES)
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._volumes.clear()
+        self._entries.clear()
+        self._volumes.clear()
 
     def volume(self, image: str | Path, divisor: int) -> WorkingVolume:
         """The scan on the working grid (padded to multiples of ``divisor``), read once per file version:
@@ -111,16 +107,9 @@ class FeatureCache:
             ValueError: if the scan cannot be read or is too large.
         """
         key = (*file_key(image), divisor)
-        with self._lock:
-            if key in self._volumes:
-                self._volumes.move_to_end(key)
-                return self._volumes[key]
-        volume = load_working(key[0], self.config.spacing, divisor, self.config.max_voxels)
-        with self._lock:
-            self._volumes[key] = volume
-            while len(self._volumes) > CACHE_ENTRIES:
-                self._volumes.popitem(last=False)
-        return volume
+        return self._volumes.get(
+            key, lambda: load_working(key[0], self.config.spacing, divisor, self.config.max_voxels)
+        )
 
     def get(self, image: str | Path, backbone: Backbone3D) -> tuple[WorkingVolume, BackboneOutput]:
         """The scan on the working grid and its backbone output, computed once per file version.
@@ -129,30 +118,11 @@ class FeatureCache:
             ValueError: if the scan cannot be read or is too large.
         """
         key = (*file_key(image), id(backbone))
-        path = key[0]
-        while True:
-            with self._lock:
-                if key in self._entries:
-                    self._entries.move_to_end(key)
-                    return self._entries[key]
-                pending = self._computing.get(key)
-                if pending is None:
-                    pending = self._computing[key] = threading.Event()
-                    break
-            pending.wait()
-            with self._lock:
-                if key not in self._entries and key not in self._computing:
-                    continue  # the other computation failed: try it ourselves
-        try:
-            volume = self.volume(path, backbone.size_divisor)
+
+        def compute() -> tuple[WorkingVolume, BackboneOutput]:
+            volume = self.volume(key[0], backbone.size_divisor)
             with torch.no_grad():
                 base = backbone_output(backbone, volume.image.to(self.device), None, self.config)
-                base = base.channel_last()  # what heads and adaptation read fastest
-            with self._lock:
-                self._entries[key] = (volume, base)
-                while len(self._entries) > CACHE_ENTRIES:
-                    self._entries.popitem(last=False)
-        finally:
-            with self._lock:
-                self._computing.pop(key).set()
-        return volume, base
+            return volume, base.channel_last()  # what heads and adaptation read fastest
+
+        return self._entries.get(key, compute)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +28,7 @@ import torch
 from medmeta_plugin.adapt.atlas import AtlasCase, CarriedPrior, RegistrationCache, atlas_prior, prior_logits
 from medmeta_plugin.app.features import file_key
 from medmeta_plugin.app.grid import WorkingVolume, label_to_working
+from medmeta_plugin.caching import BoundedCache
 from medmeta_plugin.registration import PlacementConfig, register
 
 __all__ = ["RECENT_PLACEMENTS", "AtlasPriors", "StructurePrior", "warm_up"]
@@ -39,23 +38,6 @@ CACHED_SCANS = 8
 #: Placement outcomes (one per pair of scans, most recent last) kept for ``/info/``: a few sessions' worth
 #: of pairs, small enough for a client that polls ``/info/`` every few seconds.
 RECENT_PLACEMENTS = 50
-
-
-class _Lru:
-    def __init__(self, size: int) -> None:
-        self.size, self.entries, self.lock = size, OrderedDict(), threading.Lock()
-
-    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
-        with self.lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
-        value = compute()
-        with self.lock:
-            self.entries[key] = value
-            while len(self.entries) > self.size:
-                self.entries.popitem(last=False)
-        return value
 
 
 def _array(volume: WorkingVolume) -> np.ndarray:
@@ -108,10 +90,9 @@ class AtlasPriors:
         self.registrations = RegistrationCache(
             functools.partial(register, transform=transform, placement=self.placement)
         )
-        self._scans = _Lru(CACHED_SCANS)
-        self._labels = _Lru(CACHED_SCANS)
-        self._recent: OrderedDict[tuple[Any, Any], dict[str, Any]] = OrderedDict()
-        self._recent_lock = threading.Lock()
+        self._scans: BoundedCache[WorkingVolume] = BoundedCache(CACHED_SCANS)
+        self._labels: BoundedCache[np.ndarray] = BoundedCache(CACHED_SCANS)
+        self._recent: BoundedCache[dict[str, Any]] = BoundedCache(RECENT_PLACEMENTS)
 
     def _scan(self, path: str) -> WorkingVolume:
         return self._scans.get(file_key(path), lambda: self.working(path))
@@ -172,24 +153,21 @@ class AtlasPriors:
 
     def _remember(self, query_key: Any, query: str, carried: CarriedPrior, images: dict[Any, str]) -> None:
         """Keep the placement outcome of each pair of scans, the most recent :data:`RECENT_PLACEMENTS`."""
-        with self._recent_lock:
-            for case in carried.cases:
-                pair = (query_key, case.key)
-                self._recent.pop(pair, None)
-                self._recent[pair] = {
+        for case in carried.cases:
+            self._recent.put(
+                (query_key, case.key),
+                {
                     "query": os.path.basename(os.path.normpath(query)),
                     "support": os.path.basename(os.path.normpath(images[case.key])),
                     **{k: v for k, v in case.to_dict().items() if k not in ("key", "used")},
-                }
-            while len(self._recent) > RECENT_PLACEMENTS:
-                self._recent.popitem(last=False)
+                },
+            )
 
     def recent(self) -> list[dict[str, Any]]:
         """The last placement outcomes, one per (query scan, labelled scan) pair, oldest first: ``query``,
         ``support`` (file names), ``confidence``, ``sure``, with a placement its ``score``, ``margin`` and
         ``overlap``, then ``transform``, ``seconds``, ``error``."""
-        with self._recent_lock:
-            return [dict(v) for v in self._recent.values()]
+        return [dict(v) for v in self._recent.values()]
 
 
 def warm_up(transform: str = "affine") -> np.ndarray:

@@ -57,6 +57,7 @@ from medmeta_plugin.adapt.atlas import (
     prior_logits,
 )
 from medmeta_plugin.benchmarks.suites import EvalTask, build_suite
+from medmeta_plugin.caching import BoundedCache
 from medmeta_plugin.meta.objectives import task_score
 from medmeta_plugin.networks import ADAPTER_MODES, Backbone3D, MetaModel, load_backbone
 from medmeta_plugin.networks.backbone import BackboneOutput
@@ -166,30 +167,35 @@ def _prepare_support(items: list[dict[str, Any]], divisor: int) -> list[dict[str
     return out
 
 
+#: Whole volumes whose backbone output a benchmark run keeps: every scan of a real suite (support pool and
+#: queries, shared by its structures) and a phantom family's volumes at a time.
+FEATURES_KEPT = 64
+
+
 class _FeatureCache:
     """Identity-adapter backbone outputs of whole (padded) volumes, per backbone and image tensor.
 
-    Keys hold the ``id`` of the suite's image tensor; the cache keeps a reference to it, so the id cannot be
+    Keys hold the ``id`` of the suite's image tensor; an entry keeps a reference to it, so the id cannot be
     reused while the entry lives.
     """
 
     def __init__(self, divisor: int, precision: str = "fp32") -> None:
         self.divisor, self.precision = divisor, precision
-        self.entries: dict[tuple[str, int], tuple[torch.Tensor, BackboneOutput, float]] = {}
+        self.entries: BoundedCache[tuple[torch.Tensor, BackboneOutput, float]] = BoundedCache(FEATURES_KEPT)
 
-    @torch.no_grad()
     def get(self, family: str, backbone: Backbone3D, image: torch.Tensor) -> tuple[BackboneOutput, float]:
         """Backbone output (features (1, C, X, Y, Z), embedding (1, E)) of ``image`` (1, X, Y, Z), and the
         seconds it took to compute."""
-        key = (family, id(image))
-        if key not in self.entries:
+
+        @torch.no_grad()
+        def compute() -> tuple[torch.Tensor, BackboneOutput, float]:
             start = time.perf_counter()
             device = next(backbone.parameters()).device
             with autocast(self.precision, device):
                 out = backbone(_pad(image, self.divisor)[None].to(device))
-            out = out.float().channel_last()  # as the app's cache
-            self.entries[key] = (image, out, time.perf_counter() - start)
-        _, out, seconds = self.entries[key]
+            return image, out.float().channel_last(), time.perf_counter() - start  # as the app's cache
+
+        _, out, seconds = self.entries.get((family, id(image)), compute)
         return out, seconds
 
     def support(
@@ -230,7 +236,7 @@ class _AtlasPriors:
         ]
         priors, seconds = [], 0.0
         for q in task.query:
-            fresh = {(id(q["image"]), c.key) for c in cases} - set(self.registrations.entries)
+            fresh = [c.key for c in cases if self.registrations.peek(id(q["image"]), c.key) is None]
             start = time.perf_counter()
             # As the app serves it: only the cases placed sure are carried; with none, no prior (the app
             # then answers with the adapted head alone, and the carried-masks method with nothing).
@@ -241,9 +247,10 @@ class _AtlasPriors:
                 self.unsure += 1
             distance = None if prior is None else prior_logits(prior, q["affine"])
             elapsed = time.perf_counter() - start
-            pairs = [self.registrations.entries[(id(q["image"]), c.key)] for c in cases]
-            fresh_seconds = sum(self.registrations.entries[key].seconds for key in fresh)
-            seconds += elapsed - fresh_seconds + sum(r.seconds for r in pairs)
+            # A failed registration is not kept and costs nothing here.
+            pairs = [self.registrations.peek(id(q["image"]), c.key) for c in cases]
+            fresh_seconds = sum(r.seconds for k, r in zip([c.key for c in cases], pairs) if r and k in fresh)
+            seconds += elapsed - fresh_seconds + sum(r.seconds for r in pairs if r is not None)
             priors.append(None if prior is None else (torch.from_numpy(prior), torch.from_numpy(distance)))
         self.last = (draw, (priors, seconds))
         return priors, seconds

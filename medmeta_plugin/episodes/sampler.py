@@ -13,7 +13,6 @@ and registry produce identical episodes whatever their cache holds.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,6 +22,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Resized
 
+from medmeta_plugin.caching import BoundedCache
 from medmeta_plugin.episodes.augment import AugmentConfig, intensity_augmentation, spatial_augmentation
 from medmeta_plugin.episodes.cases import Case, check_option, load_case
 from medmeta_plugin.episodes.tasks import TaskRegistry, TaskSpec
@@ -154,10 +154,8 @@ class EpisodeSampler:
                 f"registry.filter(min_cases={needed}) or give them zero task_weights."
             )
         # One LRU per kind of entry, so foreground indices never evict the volumes they index.
-        self._caches: dict[str, OrderedDict[str, Any]] = {
-            "volume": OrderedDict(),
-            "resized": OrderedDict(),
-            "foreground": OrderedDict(),
+        self._caches: dict[str, BoundedCache[Any]] = {
+            kind: BoundedCache(self.config.cache_size) for kind in ("volume", "resized", "foreground")
         }
         self._spatial = spatial_augmentation(self.config.augmentation)
         self._intensity = intensity_augmentation(self.config.augmentation)
@@ -184,14 +182,7 @@ class EpisodeSampler:
         return tasks, p / p.sum()
 
     def _cached(self, kind: str, key: str, make: Callable[[], Any]) -> Any:
-        cache = self._caches[kind]
-        if key in cache:
-            cache.move_to_end(key)
-            return cache[key]
-        value = cache[key] = make()
-        while len(cache) > self.config.cache_size:
-            cache.popitem(last=False)
-        return value
+        return self._caches[kind].get(key, make)
 
     def _volume(self, case: Case) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """Normalised image (C, X, Y, Z), label (1, X, Y, Z) or None, and per-channel padding values (C,)."""
