@@ -1,7 +1,7 @@
 """Well-kept registration libraries on the field-of-view suite, beside the product's own stages.
 
-- antspyx (ANTs): ``Affine`` and ``SyNQuick`` (rigid + affine + SyN) from ANTs' standard starts, centres of
-  mass (``moments``, antspyx's default) and geometric centres (``centre``);
+- antspyx (ANTs): ``Affine`` and ``antsRegistrationSyNQuick[s]`` (rigid + affine + SyN) from ANTs'
+  standard starts, centres of mass (``moments``, antspyx's default) and geometric centres (``centre``);
 - itk-elastix: ``affine`` and ``bspline`` (affine, then a B-spline) from the product's placement, i.e. the
   library's local stages in place of the product's.
 
@@ -95,7 +95,7 @@ def _run_ants(pair: FovPair, kind: str, start: str) -> dict[str, Any]:
         result = ants.registration(
             fixed,
             moving,
-            type_of_transform={"affine": "Affine", "synquick": "SyNQuick"}[kind],
+            type_of_transform={"affine": "Affine", "synquick": "antsRegistrationSyNQuick[s]"}[kind],
             initial_transform=initial,
             outprefix=os.path.join(tmp, "reg_"),
         )
