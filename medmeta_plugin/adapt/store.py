@@ -7,6 +7,7 @@ while writing, the half-written version is ignored and the previous one is serve
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -44,6 +45,23 @@ class AdapterStore:
         if not folder.is_dir():
             return []
         return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _VERSION.match(p.name)))
+
+    def meta(self, task: str, version: int) -> dict[str, Any] | None:
+        """The metadata stored with one version of ``task``: what :meth:`save` wrote, its ``extra`` included.
+
+        Returns:
+            The version's JSON object, or None when there is no such version or its file does not parse
+            (the version is then incomplete or damaged: :meth:`load_latest` skips it too).
+
+        Raises:
+            ValueError: for an invalid task name.
+        """
+        path = self.root / validate_name(task, "task name") / f"v{version:04d}.json"
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return meta if isinstance(meta, dict) else None
 
     def save(
         self, model: MetaModel, task: str, shots: int | None = None, extra: dict[str, Any] | None = None

@@ -3,7 +3,8 @@ tasks and active-learning strategies. The app class itself is ``apps/medmeta/mai
 
 Modules, in the order a request meets them: ``config`` (``--conf`` parsing), ``datastore`` (studies folder,
 label validation), ``labels`` (what a submitted label means), ``grid`` (the working grid), ``engine``
-(backbone, adapters, feature cache), ``worker`` (background adaptation), ``runtime`` (ties them together),
-``infer_task``, ``train_task``, ``strategy``; ``features`` (the backbone pass and its cache), ``routes``
-(guard routes), ``dicomweb`` (the DICOMweb datastore), ``demo``.
+(composes ``serving``: the backbone and adapters served; ``segmenting``: a scan's masks and how each was
+found; ``adapting``: labelled examples to a served adapter), ``worker`` (background adaptation), ``runtime``
+(ties them together), ``infer_task``, ``train_task``, ``strategy``; ``features`` (the backbone pass and its
+cache), ``priors`` (atlas priors), ``routes`` (guard routes), ``dicomweb`` (the DICOMweb datastore), ``demo``.
 """

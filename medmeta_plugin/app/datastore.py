@@ -25,7 +25,7 @@ from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
-from medmeta_plugin.app.engine import Example
+from medmeta_plugin.app.adapting import Example
 from medmeta_plugin.app.labels import Submission, VolumeTarget, parse_label_params, validate_label_file
 from medmeta_plugin.io import read_image
 from medmeta_plugin.names import validate_name

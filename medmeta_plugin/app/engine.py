@@ -1,218 +1,40 @@
 """The app's model runtime: one shared backbone, many adapters, inference and adaptation on the working grid.
 
 :class:`Engine` is what the MONAI Label glue (infer tasks, train tasks, strategies, the adaptation worker)
-calls. It holds the meta-learned backbone B, the adapters A of every adapted task (restored from the adapter
-store at start), and a small cache of backbone features per scan (:mod:`~medmeta_plugin.app.features`),
-so that
+calls. It composes the pipeline's stages and delegates to them:
 
-- inference runs the backbone once per scan and each ``head``-mode structure costs one 1x1x1 convolution
-  (100 structures cost 100 heads, not 100 networks);
-- adaptation of a structure on a scan the user has just looked at reuses that scan's cached features.
+- :mod:`~medmeta_plugin.app.serving`: the backbone and the adapters being served, restored from the adapter
+  store at start, refreshed from what another process wrote, swapped in atomically after an adaptation;
+- :mod:`~medmeta_plugin.app.segmenting`: a scan's masks (each with how it was found) and predictions;
+- :mod:`~medmeta_plugin.app.adapting`: labelled examples to a fitted adapter, handed to serving;
 
-Adapters are saved as a new store version first and swapped in second (one dictionary assignment), so an
-inference running meanwhile sees the old adapter or the new one, and a failed adaptation changes nothing.
-
-Each structure's answer says how it was found (:class:`Provenance`): ``label`` (the scan's own label),
-``registered`` (its labelled scans placed sure on this scan, their masks carried) or ``network`` (the
-adapted head alone: atlas off, no prior, or every placement unsure - a guess, and flagged as one).
+and the two caches they share: the backbone features of a few scans (:mod:`~medmeta_plugin.app.features`),
+so inference runs the backbone once per scan and adaptation reuses the features of a scan the user has just
+looked at, and the atlas priors (:mod:`~medmeta_plugin.app.priors`), which read their scans from the same
+feature cache.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from medmeta_plugin.adapt import AdaptReport, adapt, head_mode_budget
-from medmeta_plugin.adapt.atlas import PRIOR_CAP, CarriedPrior, fuse, head_region
+from medmeta_plugin.adapt import AdaptReport
 from medmeta_plugin.adapt.store import AdapterStore
+from medmeta_plugin.app.adapting import Example, adapt_task
 from medmeta_plugin.app.config import AppConfig
-from medmeta_plugin.app.features import FeatureCache, backbone_output
-from medmeta_plugin.app.grid import WorkingVolume, label_to_working, to_original_grid
-from medmeta_plugin.app.priors import AtlasPriors, StructurePrior
-from medmeta_plugin.names import validate_name
-from medmeta_plugin.networks import (
-    BackboneOutput,
-    MetaModel,
-    TaskAdapter,
-    backbone_hash,
-    load_backbone,
-)
+from medmeta_plugin.app.features import FeatureCache
+from medmeta_plugin.app.grid import WorkingVolume
+from medmeta_plugin.app.priors import AtlasPriors
+from medmeta_plugin.app.segmenting import Segmentation, Segmenter
+from medmeta_plugin.app.serving import Serving, resolve_device
+from medmeta_plugin.networks import BackboneOutput, MetaModel, TaskAdapter
 
-__all__ = [
-    "FOUND_BY",
-    "Engine",
-    "Example",
-    "Provenance",
-    "Segmentation",
-    "examples_fingerprint",
-    "mask_uncertainty",
-]
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Example:
-    """One labelled scan of a task, as adaptation consumes it.
-
-    Attributes:
-        image: image file or DICOM series folder.
-        label: label map file (segmentation), else None.
-        value: the structure's value in ``label`` (segmentation); a label naming the structure with no voxel
-            of it is an explicit "absent here" example, a negative.
-        target: class index (classification) or value (regression), else None.
-    """
-
-    image: str
-    label: str | None = None
-    value: int | None = None
-    target: float | None = None
-
-
-#: How a structure's answer was found: the scan's own label, registered labelled scans, or the network alone.
-FOUND_BY = ("label", "registered", "network")
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """How one structure's answer on one scan was found, and how sure it is.
-
-    Attributes:
-        found_by: one of :data:`FOUND_BY`: ``label`` (the scan's own label), ``registered`` (the carried
-            masks of the labelled scans placed sure on this scan) or ``network`` (the adapted head alone).
-        supports: the structure's labelled scans (those that could be read, when a prior was attempted).
-        sure_supports: how many of the other labelled scans were placed sure on this scan; None when none was
-            placed (its own label, atlas off, no readable labelled scan).
-        confidence: the highest placement confidence among them, in [0, 1]; None when none was placed.
-        sure: True when the answer stands on the scan's own label or on at least one sure placement; False
-            for the network's answer alone (nothing checks it), above all when it stands in for a placement
-            flagged unsure: a guess, not a finding.
-        note: the same in words, for a reader of the response or the log.
-    """
-
-    found_by: str
-    supports: int
-    sure_supports: int | None
-    confidence: float | None
-    sure: bool
-    note: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready values (confidence rounded), as the infer response carries them."""
-        return {
-            "found_by": self.found_by,
-            "supports": self.supports,
-            "sure_supports": self.sure_supports,
-            "confidence": None if self.confidence is None else round(self.confidence, 3),
-            "sure": self.sure,
-            "note": self.note,
-        }
-
-
-@dataclass
-class Segmentation:
-    """Result of :meth:`Engine.segment`.
-
-    Attributes:
-        labels: label map on the scan's own grid, shape (1, X, Y, Z), uint8 (uint16 beyond 255 structures).
-        names: ``{structure: value}`` of the structures segmented.
-        meta: the scan's geometry (to write ``labels`` with).
-        seconds: wall time per stage.
-        provenance: ``{structure: Provenance}``: how each answer was found and how sure it is.
-    """
-
-    labels: np.ndarray
-    names: dict[str, int]
-    meta: Any
-    seconds: dict[str, float] = field(default_factory=dict)
-    provenance: dict[str, Provenance] = field(default_factory=dict)
-
-
-def examples_fingerprint(examples: Sequence[Example]) -> list[str]:
-    """What an adapter was fitted on, as stored with it: image, label file version, value or target.
-
-    After a restart, a structure whose stored fingerprint differs from its current labels (a label arrived,
-    or was replaced, while the server was down or while it died mid-adaptation) is adapted again.
-    """
-    out = []
-    for ex in examples:
-        stamp = ""
-        if ex.label is not None and os.path.exists(ex.label):
-            stat = os.stat(ex.label)
-            stamp = f"{stat.st_mtime_ns}:{stat.st_size}"
-        out.append(f"{os.path.basename(ex.image)}|{stamp}|{ex.value}|{ex.target}")
-    return out
-
-
-def mask_uncertainty(probs: Iterable[torch.Tensor]) -> float | None:
-    """Mask entropy of a scan: mean over structures of the summed binary entropy (nats) of the foreground
-    probabilities, divided by the predicted volume plus one voxel.
-
-    Dividing by the predicted size ranks a scan by how unsure the boundary is relative to the structure, so
-    large organs do not outrank small ones by size alone.
-
-    Args:
-        probs: one foreground probability map per structure, each of shape (X, Y, Z).
-
-    Returns:
-        The score, or None when there is no map.
-    """
-    scores = []
-    for p in probs:
-        q = p.clamp(1e-6, 1 - 1e-6)
-        entropy = -(q * q.log() + (1 - q) * (1 - q).log())
-        scores.append(float(entropy.sum() / ((p > 0.5).sum() + 1)))
-    return float(np.mean(scores)) if scores else None
-
-
-_NETWORK_ALONE = "the adapted network's answer alone"
-
-
-def _placed(carried: CarriedPrior, supports: int, threshold: float, refine: bool) -> Provenance:
-    """The provenance of an answer from registered labelled scans, or of the network standing in for them
-    when none was placed sure (``carried.prior`` is None)."""
-    total, sure, best = len(carried.cases), carried.sure, carried.confidence
-    unsure = [c for c in carried.cases if not c.sure and c.error is None]
-    failed = [c for c in carried.cases if c.error is not None]
-    if carried.prior is not None:
-        note = f"registered: carried masks of {sure} of {total} labelled scans placed sure"
-        note += "" if best is None else f" (best confidence {best:.2f})"
-        note += ", their boundary moved by the adapted head where it agrees" if refine else ""
-        left_out = []
-        if unsure:
-            values = ", ".join(f"{c.confidence:.2f}" for c in unsure if c.confidence is not None)
-            left_out.append(f"{len(unsure)} placed unsure (confidence {values} < {threshold:g})")
-        if failed:
-            left_out.append(f"{len(failed)} could not be placed ({failed[0].error})")
-        note += f"; left out: {'; '.join(left_out)}" if left_out else ""
-        return Provenance("registered", supports, sure, best, True, note)
-    if best is None:
-        note = f"no labelled scan could be placed on this scan ({failed[0].error}): {_NETWORK_ALONE}"
-    elif total == 1:
-        note = f"placement unsure (confidence {best:.2f} < {threshold:g}): {_NETWORK_ALONE}"
-    else:
-        extra = f"; {len(failed)} could not be placed" if failed else ""
-        note = (
-            f"placement unsure on all {total} labelled scans (best confidence {best:.2f} < {threshold:g}"
-            f"{extra}): {_NETWORK_ALONE}"
-        )
-    return Provenance("network", supports, sure, best, False, note)
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+__all__ = ["Engine"]
 
 
 class Engine:
@@ -227,395 +49,109 @@ class Engine:
 
     def __init__(self, config: AppConfig, model_dir: str | Path) -> None:
         self.config = config
-        self.model_dir = Path(model_dir)
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        self.device = _resolve_device(config.device)
-        self._lock = threading.RLock()
-        self._features = FeatureCache(config, self.device)
-        self._atlas = AtlasPriors(
-            lambda path: self._features.volume(path, self.divisor),  # one read of a scan, query or labelled
-            lambda: self.divisor,
-            config.registration,
-        )
-        self._atlas_examples: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        self._loaded: dict[str, int] = {}
-        self._backbone_stamp: tuple[str, int] | None = None
-        self.load_backbone()
+        self._features = FeatureCache(config, resolve_device(config.device))
+        # One read of a scan, query or labelled: the priors read their scans from the feature cache.
+        self._atlas = AtlasPriors(self._features.scan, self._features.size_divisor, config.registration)
+        self._serving = Serving(config, model_dir, self._features)
+        self._segmenter = Segmenter(self._serving, self._features, self._atlas)
 
-    # ----- backbone and store -----------------------------------------------------------------------------
+    # ----- serving ------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> MetaModel:
+        """The backbone and adapters being served (replaced when the backbone is reloaded)."""
+        return self._serving.model
+
+    @property
+    def store(self) -> AdapterStore:
+        """The adapter store of the backbone being served."""
+        return self._serving.store
+
+    @property
+    def model_dir(self) -> Path:
+        """The app's model folder."""
+        return self._serving.model_dir
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone runs."""
+        return self._serving.device
+
     @property
     def backbone_path(self) -> Path:
         """The backbone in use: the one trained on the datastore (in the model folder), else the config's."""
-        local = self.model_dir / "backbone.safetensors"
-        return local if local.is_file() else Path(self.config.backbone)
-
-    def load_backbone(self) -> dict[str, int]:
-        """(Re)load the backbone and restore the newest complete adapter of every task fitted on it."""
-        path = self.backbone_path
-        backbone = load_backbone(path).to(self.device).eval()
-        model = MetaModel(backbone)
-        store = AdapterStore(self.model_dir / "adapters" / backbone_hash(backbone)[:16])
-        restored = store.restore(model)
-        with self._lock:
-            self.model, self.store, self._loaded = model, store, dict(restored)
-            self._features.clear()
-            self._backbone_stamp = (str(path), path.stat().st_mtime_ns)
-        logger.info("medmeta backbone %s, adapters restored: %s", path, restored or "none")
-        return restored
+        return self._serving.backbone_path
 
     @property
     def divisor(self) -> int:
-        return self.model.backbone.size_divisor
+        """The backbone's size divisor: working grids are padded to multiples of it."""
+        return self._serving.divisor
+
+    def load_backbone(self) -> dict[str, int]:
+        """See :meth:`Serving.load_backbone <medmeta_plugin.app.serving.Serving.load_backbone>`."""
+        return self._serving.load_backbone()
 
     def refresh(self) -> str | None:
-        """Pick up what another process wrote: a train task's adapter versions or backbone.
-
-        Returns:
-            ``"backbone"`` if the backbone was reloaded (every adapter must then be adapted again),
-            ``"adapters"`` if newer adapter versions were loaded, else None. A backbone file that does not
-            load (e.g. caught between its two files being replaced) is retried at the next call.
-        """
-        path = self.backbone_path
-        if (str(path), path.stat().st_mtime_ns) != self._backbone_stamp:
-            try:
-                self.load_backbone()
-            except ValueError as err:
-                logger.warning("new backbone %s not loaded yet: %s", path, err)
-                return None
-            return "backbone"
-        changed = None
-        for task in self.store.tasks():
-            versions = self.store.versions(task)
-            if versions and versions[-1] > self._loaded.get(task, 0):
-                with self._lock:
-                    loaded = self.store.load_latest(self.model, task)
-                    if loaded is not None and loaded[1] != self._loaded.get(task):
-                        self._loaded[task] = loaded[1]
-                        changed = "adapters"
-        return changed
+        """See :meth:`Serving.refresh <medmeta_plugin.app.serving.Serving.refresh>`."""
+        return self._serving.refresh()
 
     def tasks(self, kind: str | None = None) -> dict[str, TaskAdapter]:
-        """A snapshot of the adapted tasks (of one kind), by name; later swaps do not affect it."""
-        snapshot = dict(self.model.tasks.items())
-        return {k: v for k, v in sorted(snapshot.items()) if kind is None or v.info.kind == kind}
+        """See :meth:`Serving.tasks <medmeta_plugin.app.serving.Serving.tasks>`."""
+        return self._serving.tasks(kind)
 
     def served_meta(self, task: str) -> dict[str, Any] | None:
-        """The stored metadata of the adapter version being served for ``task`` (None if none is)."""
-        version = self._loaded.get(task)
-        if version is None:
-            return None
-        try:
-            return json.loads((self.store.root / task / f"v{version:04d}.json").read_text())
-        except (OSError, ValueError):
-            return None
+        """See :meth:`Serving.served_meta <medmeta_plugin.app.serving.Serving.served_meta>`."""
+        return self._serving.served_meta(task)
 
     def versions(self) -> dict[str, int]:
-        """Store version of each adapter being served."""
-        return dict(self._loaded)
-
-    def label_values(self, names: Sequence[str]) -> dict[str, int]:
-        """Output value of each structure: the configured ``labels`` value, else the next free value by name.
-
-        Values follow the configured label names first so that a structure keeps its value across requests;
-        the other structures are numbered after them in alphabetical order.
-        """
-        configured = self.config.label_map
-        values = {n: configured[n] for n in names if n in configured}
-        next_value = max(configured.values(), default=0) + 1
-        for name in sorted(n for n in names if n not in configured):
-            values[name] = next_value
-            next_value += 1
-        return dict(sorted(values.items(), key=lambda item: item[1]))
-
-    # ----- features ----------------------------------------------------------------------------------------
-    def working(self, image: str | Path) -> tuple[WorkingVolume, BackboneOutput]:
-        """The scan on the working grid and its backbone output (identity adapter), cached per file version.
-
-        Raises:
-            ValueError: if the scan cannot be read or is too large.
-        """
-        return self._features.get(image, self.model.backbone)
+        """See :meth:`Serving.versions <medmeta_plugin.app.serving.Serving.versions>`."""
+        return self._serving.versions()
 
     def atlas_examples(self, task: str) -> list[dict[str, Any]]:
-        """The labelled examples stored with the served adapter of a segmentation task (for its prior)."""
-        version = self._loaded.get(task)
-        if version is None:
-            return []
-        key = (task, version)
-        if key not in self._atlas_examples:
-            meta = self.served_meta(task) or {}
-            self._atlas_examples[key] = list(meta.get("atlas", []))
-        return self._atlas_examples[key]
+        """See :meth:`Serving.atlas_examples <medmeta_plugin.app.serving.Serving.atlas_examples>`."""
+        return self._serving.atlas_examples(task)
+
+    def working(self, image: str | Path) -> tuple[WorkingVolume, BackboneOutput]:
+        """See :meth:`Serving.working <medmeta_plugin.app.serving.Serving.working>`."""
+        return self._serving.working(image)
+
+    # ----- segmenting ---------------------------------------------------------------------------------------
+    def label_values(self, names: Sequence[str]) -> dict[str, int]:
+        """See :meth:`Segmenter.label_values <medmeta_plugin.app.segmenting.Segmenter.label_values>`."""
+        return self._segmenter.label_values(names)
 
     def placements(self) -> dict[str, Any]:
-        """The placement threshold and the last placement outcomes (for the app's status)."""
-        return {"threshold": self._atlas.placement.threshold, "recent": self._atlas.recent()}
+        """See :meth:`Segmenter.placements <medmeta_plugin.app.segmenting.Segmenter.placements>`."""
+        return self._segmenter.placements()
 
-    def _find(
-        self, name: str, image: str | Path, volume: WorkingVolume
-    ) -> tuple[StructurePrior | None, Provenance]:
-        """A structure's prior on the scan - None when the network is to answer - and how the answer is found.
-
-        The prior is the scan's own label when the structure was labelled on it, else the carried masks of
-        its labelled scans placed sure on it. The network answers with atlas off, without a readable labelled
-        scan, and when every placement was unsure or failed.
-        """
-        stored = self.atlas_examples(name)
-        if not self.config.atlas:
-            return None, Provenance("network", len(stored), None, None, False, f"atlas off: {_NETWORK_ALONE}")
-        if not stored:
-            note = f"no labelled scan stored with the adapter: {_NETWORK_ALONE}"
-            return None, Provenance("network", 0, None, None, False, note)
-        try:
-            served = self._atlas.prior(str(image), volume, stored)
-        except ValueError as err:
-            logger.warning("atlas prior of %r left out on %s: %s", name, image, err)
-            note = f"no atlas prior ({err}): {_NETWORK_ALONE}"
-            return None, Provenance("network", len(stored), None, None, False, note)
-        if served.own:
-            return served, Provenance("label", served.supports, None, None, True, "the scan's own label")
-        threshold = self._atlas.placement.threshold
-        found = _placed(served.carried, served.supports, threshold, self.config.refine)
-        return (served if served.prior is not None else None), found
-
-    def _segmentation_logits(
-        self,
-        name: str,
-        task: TaskAdapter,
-        image: str | Path,
-        volume: WorkingVolume,
-        base: Callable[[], BackboneOutput],
-    ) -> tuple[torch.Tensor, Provenance]:
-        """A structure's logits on the unpadded working grid, (X, Y, Z), and how they were found.
-
-        With a prior (:meth:`_find`) the answer is the prior's distance log-odds, fused with the head only
-        when ``config.refine`` is on; then a head-mode head runs only where it can change the answer
-        (:func:`head_region`: the carried structure and 6 mm around it), not on the whole scan. Without one
-        the head answers. ``base`` gives the scan's backbone output; it is called only when a head runs.
-        """
-        served, found = self._find(name, image, volume)
-        if served is None:
-            return volume.crop(self._task_output(task, volume, base()))[0, 0].float().cpu(), found
-        prior, distance = served.prior, served.distance
-        if served.own:  # on a scan it was labelled on, a structure is its label
-            return torch.where(prior >= 0.5, PRIOR_CAP, -PRIOR_CAP), found
-        if not self.config.refine:
-            return distance, found
-        region = head_region(distance)
-        if task.info.mode == "head":
-            logits = self._head_on(task, volume, base(), region)
-        else:
-            logits = volume.crop(self._task_output(task, volume, base()))[0, 0].float().cpu()[region]
-        out = distance.clone()
-        out[region] = fuse(logits, prior[region], distance[region])
-        return out, found
-
-    def _head_on(
-        self, task: TaskAdapter, volume: WorkingVolume, base: BackboneOutput, region: torch.Tensor
-    ) -> torch.Tensor:
-        """A head-mode head's logits on the voxels of ``region`` (X, Y, Z) only, shape (N,)."""
-        x, y, z = volume.shape
-        index = region.nonzero(as_tuple=True)
-
-        def voxels(tensor: torch.Tensor) -> torch.Tensor:  # (1, C, X', Y', Z') -> (1, C, N, 1, 1)
-            picked = tensor[0, :, :x, :y, :z].movedim(0, -1)[index]  # (N, C): rows, channel-last
-            return picked.movedim(-1, 0)[None, :, :, None, None]
-
-        position = None if base.position is None else voxels(base.position)
-        out = BackboneOutput(voxels(base.features), base.embedding, position)
-        return task.head(out).view(-1).float().cpu()
-
-    def _task_output(self, task: TaskAdapter, volume: WorkingVolume, base: BackboneOutput) -> torch.Tensor:
-        if task.info.mode == "head":
-            return task.head(base)
-        return task.head(
-            backbone_output(self.model.backbone, volume.image.to(self.device), task, self.config)
-        )
-
-    # ----- inference ---------------------------------------------------------------------------------------
-    @torch.no_grad()
     def probabilities(
         self, image: str | Path, tasks: Sequence[str] | None = None
     ) -> tuple[WorkingVolume, dict[str, torch.Tensor]]:
-        """Foreground probability of each adapted structure on the unpadded working grid, (X, Y, Z) each."""
-        volume, probs, _ = self._answers(image, tasks)
-        return volume, probs
-
-    def _answers(
-        self, image: str | Path, tasks: Sequence[str] | None
-    ) -> tuple[WorkingVolume, dict[str, torch.Tensor], dict[str, Provenance]]:
-        """:meth:`probabilities` and each structure's :class:`Provenance`."""
-        start = time.perf_counter()
-        chosen = self._select(self.tasks("segmentation"), tasks)
-        # The backbone runs only if a head does: structures answered by their atlas prior need the scan alone.
-        volume = self._features.volume(image, self.divisor)
-        computed: list[BackboneOutput] = []
-
-        def base() -> BackboneOutput:
-            if not computed:
-                computed.append(self.working(image)[1])
-            return computed[0]
-
-        probs, found = {}, {}
-        for name, task in chosen.items():
-            logits, found[name] = self._segmentation_logits(name, task, image, volume, base)
-            probs[name] = torch.sigmoid(logits)
-        logger.debug("probabilities for %d structures in %.2f s", len(probs), time.perf_counter() - start)
-        return volume, probs, found
-
-    @staticmethod
-    def _select(available: dict[str, TaskAdapter], wanted: Sequence[str] | None) -> dict[str, TaskAdapter]:
-        if wanted is None:
-            return available
-        unknown = sorted(set(wanted) - set(available))
-        if unknown:
-            raise ValueError(f"no adapted task {unknown}; adapted tasks: {sorted(available) or 'none yet'}.")
-        return {n: available[n] for n in wanted}
+        """See :meth:`Segmenter.probabilities <medmeta_plugin.app.segmenting.Segmenter.probabilities>`."""
+        return self._segmenter.probabilities(image, tasks)
 
     def segment(self, image: str | Path, tasks: Sequence[str] | None = None) -> Segmentation:
-        """One label map with every adapted structure (or those in ``tasks``) on the scan's own grid.
+        """See :meth:`Segmenter.segment <medmeta_plugin.app.segmenting.Segmenter.segment>`."""
+        return self._segmenter.segment(image, tasks)
 
-        A voxel gets the structure of highest probability among those above ``config.threshold``. Each
-        structure's :class:`Provenance` is returned with it and logged (one INFO line per structure).
-
-        Raises:
-            ValueError: for an unreadable or too large scan, or a name in ``tasks`` that has no adapter.
-        """
-        start = time.perf_counter()
-        volume, probs, found = self._answers(image, tasks)
-        mid = time.perf_counter()
-        for name, how in found.items():
-            confidence = "-" if how.confidence is None else f"{how.confidence:.3f}"
-            sure_supports = "-" if how.sure_supports is None else how.sure_supports
-            logger.info(
-                "medmeta %s on %s: found by %s, sure %s, supports %d, sure supports %s, confidence %s: %s",
-                name,
-                os.path.basename(os.path.normpath(str(image))),
-                how.found_by,
-                how.sure,
-                how.supports,
-                sure_supports,
-                confidence,
-                how.note,
-            )
-        # Values are numbered over every adapted structure: a structure's value does not depend on ``tasks``.
-        every = self.label_values(list(self.tasks("segmentation")))
-        values = {name: every[name] for name in probs}
-        dtype = np.uint8 if max(values.values(), default=0) <= 255 else np.uint16
-        best = torch.full(volume.shape, self.config.threshold)
-        labels = torch.zeros(volume.shape, dtype=torch.int32)
-        for name, p in probs.items():
-            better = p > best
-            best = torch.where(better, p, best)
-            labels[better] = values[name]
-        out = to_original_grid(labels.numpy().astype(dtype), volume)
-        seconds = {"model": mid - start, "resample": time.perf_counter() - mid}
-        return Segmentation(labels=out, names=values, meta=volume.original, seconds=seconds, provenance=found)
-
-    @torch.no_grad()
     def predict(self, image: str | Path, tasks: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
-        """Volume-level predictions of the adapted classification and regression tasks.
-
-        Returns:
-            ``{task: {"kind": "classification", "class": c, "probabilities": [...]}}`` or
-            ``{task: {"kind": "regression", "value": v}}`` (``"values"`` for several outputs).
-        """
-        volume, base = self.working(image)
-        available = {**self.tasks("classification"), **self.tasks("regression")}
-        out: dict[str, dict[str, Any]] = {}
-        for name, task in self._select(available, tasks).items():
-            result = self._task_output(task, volume, base)[0].float().cpu()
-            if task.info.kind == "classification":
-                p = torch.softmax(result, 0)
-                out[name] = {"kind": "classification", "class": int(p.argmax()), "probabilities": p.tolist()}
-            elif result.numel() == 1:
-                out[name] = {"kind": "regression", "value": float(result[0])}
-            else:
-                out[name] = {"kind": "regression", "values": result.tolist()}
-        return out
+        """See :meth:`Segmenter.predict <medmeta_plugin.app.segmenting.Segmenter.predict>`."""
+        return self._segmenter.predict(image, tasks)
 
     def uncertainty(self, image: str | Path) -> float | None:
-        """The scan's :func:`mask_uncertainty` under the adapted structures (None without any)."""
-        _, probs = self.probabilities(image)
-        return mask_uncertainty(probs.values())
+        """See :meth:`Segmenter.uncertainty <medmeta_plugin.app.segmenting.Segmenter.uncertainty>`."""
+        return self._segmenter.uncertainty(image)
 
     def embedding(self, image: str | Path) -> np.ndarray:
-        """The backbone's volume embedding of a scan, shape (E,)."""
-        _, base = self.working(image)
-        return base.embedding[0].float().cpu().numpy()
+        """See :meth:`Segmenter.embedding <medmeta_plugin.app.segmenting.Segmenter.embedding>`."""
+        return self._segmenter.embedding(image)
 
-    # ----- adaptation --------------------------------------------------------------------------------------
-    def _support(self, kind: str, examples: Sequence[Example]) -> tuple[list[dict[str, Any]], Any]:
-        """Support cases on one padded working shape, and their cached features when shapes already agree."""
-        volumes, items = [], []
-        for ex in examples:
-            volume, base = self.working(ex.image)
-            volumes.append((volume, base))
-            if kind == "segmentation":
-                if ex.label is None or ex.value is None:
-                    raise ValueError(f"segmentation example of {ex.image} has no label file or value.")
-                mask = label_to_working(ex.label, volume, self.divisor) == ex.value
-                label = torch.as_tensor(mask[None].astype(np.float32))
-                items.append({"image": volume.image[0], "label": label})
-            else:
-                if ex.target is None:
-                    raise ValueError(f"{kind} example of {ex.image} has no target.")
-                items.append({"image": volume.image[0], "target": ex.target})
-        shapes = {tuple(it["image"].shape[1:]) for it in items}
-        if len(shapes) == 1:
-            return items, BackboneOutput.cat([b for _, b in volumes])
-        target = tuple(max(s[i] for s in shapes) for i in range(3))
-        for it in items:
-            pad = [p for s, t in zip(reversed(it["image"].shape[1:]), reversed(target)) for p in (0, t - s)]
-            it["image"] = torch.nn.functional.pad(it["image"][None], pad, mode="replicate")[0]
-            if "label" in it:
-                it["label"] = torch.nn.functional.pad(it["label"], pad)
-        return items, None
+    def _task_output(self, task: TaskAdapter, volume: WorkingVolume, base: BackboneOutput) -> torch.Tensor:
+        """See :meth:`Segmenter._task_output <medmeta_plugin.app.segmenting.Segmenter._task_output>`."""
+        return self._segmenter._task_output(task, volume, base)
 
+    # ----- adapting -----------------------------------------------------------------------------------------
     def adapt_task(
         self, name: str, kind: str, examples: Sequence[Example], num_outputs: int | None = None
     ) -> tuple[AdaptReport, int]:
-        """Adapt a task's adapter from its labelled examples, save it as a new version, then serve it.
-
-        Args:
-            name: task (structure) name.
-            kind: ``segmentation``, ``classification`` or ``regression``.
-            examples: the task's labelled scans; the most recent ``config.max_shots`` are used.
-            num_outputs: number of classes (classification).
-
-        Returns:
-            The adaptation report and the new store version.
-
-        Raises:
-            ValueError: for an invalid name or examples; the adapter being served is left as it was.
-        """
-        validate_name(name, "task name")
-        if not examples:
-            raise ValueError(f"task {name!r} has no labelled example to adapt from.")
-        examples = list(examples)[-self.config.max_shots :]
-        support, base = self._support(kind, examples)
-        budget = head_mode_budget(self.config.adapt_steps, precision=self.config.precision)
-        model = self.model
-        adapter, report = adapt(
-            model,
-            support,
-            kind,
-            self.config.mode,
-            budget,
-            name=name,
-            num_outputs=num_outputs,
-            features=base,
-            head=self.config.head,
-        )
-        staging = MetaModel(model.backbone)
-        staging.attach(adapter)
-        extra: dict[str, Any] = {"report": report.to_dict(), "examples": examples_fingerprint(examples)}
-        if kind == "segmentation":  # where the structure lies on its scans: the atlas prior at inference
-            extra["atlas"] = [{"image": ex.image, "label": ex.label, "value": ex.value} for ex in examples]
-        with self._lock:
-            if model is not self.model:
-                raise ValueError(f"the backbone changed while {name!r} was adapting; adapt it again.")
-            version = self.store.save(staging, name, shots=len(examples), extra=extra)
-            self.model.attach(adapter)
-            self._loaded[name] = version
-        return report, version
+        """See :func:`medmeta_plugin.app.adapting.adapt_task`."""
+        return adapt_task(self._serving, name, kind, examples, num_outputs)

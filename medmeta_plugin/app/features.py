@@ -94,10 +94,36 @@ class FeatureCache:
         self.config, self.device = config, device
         self._entries: BoundedCache[tuple[WorkingVolume, BackboneOutput]] = BoundedCache(CACHE_ENTRIES)
         self._volumes: BoundedCache[WorkingVolume] = BoundedCache(CACHE_ENTRIES)
+        self._divisor: int | None = None
 
-    def clear(self) -> None:
+    def reset(self, divisor: int) -> None:
+        """Forget every cached scan (a backbone was (re)loaded); :meth:`scan` pads to ``divisor`` from now on.
+
+        Args:
+            divisor: the size divisor of the backbone now in use.
+        """
         self._entries.clear()
         self._volumes.clear()
+        self._divisor = divisor
+
+    def size_divisor(self) -> int:
+        """The size divisor of the backbone in use, as last given to :meth:`reset`.
+
+        Raises:
+            RuntimeError: before the first :meth:`reset` (no backbone is in use yet).
+        """
+        if self._divisor is None:
+            raise RuntimeError("no backbone in use yet: call FeatureCache.reset(divisor) first.")
+        return self._divisor
+
+    def scan(self, image: str | Path) -> WorkingVolume:
+        """:meth:`volume` padded for the backbone in use (:meth:`size_divisor`): the same cached copy that
+        inference reads, so a scan is read once whether it is queried or a structure's labelled scan.
+
+        Raises:
+            ValueError: if the scan cannot be read or is too large.
+        """
+        return self.volume(image, self.size_divisor())
 
     def volume(self, image: str | Path, divisor: int) -> WorkingVolume:
         """The scan on the working grid (padded to multiples of ``divisor``), read once per file version:

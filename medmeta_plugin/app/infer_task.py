@@ -74,9 +74,10 @@ class SegmentationInfer(_RuntimeInfer):
     holding its values and refused if they do not fit the type asked for).
 
     The response JSON holds ``label_names``, ``latencies``, ``adapter_versions`` and ``provenance``: per
-    structure, how its answer was found and how sure it is (:class:`~medmeta_plugin.app.engine.Provenance`:
-    ``found_by``, ``supports``, ``sure_supports``, ``confidence``, ``sure``, ``note``), so a reader can tell
-    a guess from a finding. 3D Slicer ignores the keys it does not know.
+    structure, how its answer was found and how sure it is
+    (:class:`~medmeta_plugin.app.segmenting.Provenance`: ``found_by``, ``supports``, ``sure_supports``,
+    ``confidence``, ``sure``, ``note``), so a reader can tell a guess from a finding. 3D Slicer ignores the
+    keys it does not know.
     """
 
     def __init__(self, runtime: MedMetaRuntime) -> None:

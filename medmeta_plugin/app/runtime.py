@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
+from medmeta_plugin.app.adapting import examples_fingerprint
 from medmeta_plugin.app.config import AppConfig
 from medmeta_plugin.app.datastore import collect_examples, stored_submission
-from medmeta_plugin.app.engine import Engine, examples_fingerprint
+from medmeta_plugin.app.engine import Engine
 from medmeta_plugin.app.priors import warm_up
 from medmeta_plugin.app.worker import AdaptationWorker
 

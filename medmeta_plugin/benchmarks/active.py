@@ -5,7 +5,7 @@ starts from the same randomly chosen first labelled scan and runs ``rounds`` rou
 *label -> adapt -> select*: adapt the family's head on the labelled scans (the app's ``head`` mode with the
 shipped backbone), score Dice on a fixed test set, then pick the next scan to label with
 
-- ``uncertainty``: :func:`~medmeta_plugin.app.engine.mask_uncertainty`, the app's ``medmeta_uncertainty``;
+- ``uncertainty``: :func:`~medmeta_plugin.app.segmenting.mask_uncertainty`, the app's ``medmeta_uncertainty``;
 - ``diversity``: the app's core-set step on backbone embeddings (``medmeta_diversity``);
 - ``random``: uniformly among the unlabelled scans.
 
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from medmeta_plugin.adapt import AdaptBudget, adapt
 from medmeta_plugin.app.config import DEFAULT_BACKBONE
-from medmeta_plugin.app.engine import mask_uncertainty
+from medmeta_plugin.app.segmenting import mask_uncertainty
 from medmeta_plugin.app.strategy import select_diverse, select_uncertain
 from medmeta_plugin.episodes import HELDOUT_FAMILIES
 from medmeta_plugin.meta.objectives import task_score

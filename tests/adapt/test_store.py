@@ -62,10 +62,44 @@ def test_a_crash_before_the_metadata_never_reuses_the_version_number(
     assert (tmp_path / "liver" / "v0001.safetensors").is_file(), "nothing stored is overwritten"
 
 
+def test_meta_returns_what_save_stored(tmp_path: Path, tiny_model: MetaModel) -> None:
+    store = AdapterStore(tmp_path)
+    _fit(tiny_model, "liver", 1.0)
+    extra = {"report": {"steps": 3}, "atlas": [{"image": "a.nii.gz", "label": "a_seg.nii.gz", "value": 1}]}
+    version = store.save(tiny_model, "liver", shots=1, extra=extra)
+    meta = store.meta("liver", version)
+    assert {k: meta[k] for k in extra} == extra
+    assert meta["task"] == "liver" and meta["shots"] == 1
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(None, id="missing-version"),
+        pytest.param("{", id="corrupt-json"),
+        pytest.param("[1, 2]", id="not-an-object"),
+    ],
+)
+def test_meta_of_a_missing_or_damaged_version_is_none(
+    tmp_path: Path, tiny_model: MetaModel, damage: str | None
+) -> None:
+    store = AdapterStore(tmp_path)
+    _fit(tiny_model, "liver", 1.0)
+    version = store.save(tiny_model, "liver")
+    if damage is None:
+        version += 1
+    else:
+        (tmp_path / "liver" / f"v{version:04d}.json").write_text(damage)
+    assert store.meta("liver", version) is None
+    assert store.meta("spleen", 1) is None  # a task never saved
+
+
 @pytest.mark.parametrize("name", ["../etc", "a/b", "", ".hidden"])
 def test_unsafe_task_names_are_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError, match="invalid task name"):
         AdapterStore(tmp_path).versions(name)
+    with pytest.raises(ValueError, match="invalid task name"):
+        AdapterStore(tmp_path).meta(name, 1)
 
 
 _WRITER = """

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from medmeta_plugin.adapt.atlas import fuse, head_region
+from medmeta_plugin.app.adapting import Example
 from medmeta_plugin.app.config import parse_conf
-from medmeta_plugin.app.engine import Engine, Example
+from medmeta_plugin.app.engine import Engine
 from medmeta_plugin.app.priors import _array
 from medmeta_plugin.io import ImageMeta, read_image, write_image
 from medmeta_plugin.networks import TaskAdapter
@@ -327,7 +328,7 @@ def test_each_answer_says_how_it_was_found(
     if unsure:
         engine._atlas.registrations.register = _unsure
     image = studies["studies"] / f"{query}.nii.gz"
-    with caplog.at_level(logging.INFO, logger="medmeta_plugin.app.engine"):
+    with caplog.at_level(logging.INFO, logger="medmeta_plugin.app.segmenting"):
         result = engine.segment(image)
     found = result.provenance["ball"]
     assert note in found.note
