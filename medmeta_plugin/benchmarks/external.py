@@ -1,7 +1,8 @@
 """Well-kept registration libraries on the field-of-view suite, beside the product's own stages.
 
 - antspyx (ANTs): ``Affine`` and ``antsRegistrationSyNQuick[s]`` (rigid + affine + SyN) from ANTs'
-  standard starts, centres of mass (``moments``, antspyx's default) and geometric centres (``centre``);
+  standard starts, centres of mass (``moments``, antspyx's default) and geometric centres (``centre``), and
+  ``Affine`` from the product's placement (``placement``);
 - itk-elastix: ``affine`` and ``bspline`` (affine, then a B-spline) from the product's placement, i.e. the
   library's local stages in place of the product's.
 
@@ -82,6 +83,17 @@ def _run_ants(pair: FovPair, kind: str, start: str) -> dict[str, Any]:
     begin = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         initial = None
+        if start == "placement":  # the product's placement, as ANTs' initial (fixed -> moving) transform
+            placed = place(pair.fixed.image, pair.fixed.affine, pair.moving.image, pair.moving.affine)
+            lps = LPS @ placed.matrix @ LPS
+            begin_transform = ants.create_ants_transform(
+                transform_type="AffineTransform",
+                dimension=3,
+                matrix=lps[:3, :3],
+                translation=lps[:3, 3].tolist(),
+            )
+            initial = os.path.join(tmp, "start.mat")
+            ants.write_transform(begin_transform, initial)
         if start == "centre":
             centres = []
             for scan in (pair.fixed, pair.moving):

@@ -10,7 +10,8 @@ Methods (each registers the support scan onto the query on the app's 3 mm workin
   (scan centres aligned, then starts every 30 mm along the body axis, the best by the metric);
 - ``ants-<transform>-<init>``: antspyx (``pip install antspyx``; optional) with its standard starts,
   ``moments`` (its default: centres of mass) and ``centre`` (geometric centres), for ``affine`` and
-  ``synquick`` (rigid + affine + SyN);
+  ``synquick`` (rigid + affine + SyN); ``ants-affine-placement``: ANTs' affine stage started from the
+  product's placement (the library's local stage in place of the product's);
 - ``elastix-<transform>``: itk-elastix (optional) from the product's placement, ``affine`` and ``bspline``:
   the local stages of a well-kept library, beside the product's own.
 
@@ -60,6 +61,7 @@ PLACEMENT_METHODS = (
     "ants-affine-centre",
     "ants-synquick-moments",
     "ants-synquick-centre",
+    "ants-affine-placement",
     "elastix-affine",
     "elastix-bspline",
 )
