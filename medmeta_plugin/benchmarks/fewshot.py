@@ -3,8 +3,10 @@
 Methods:
     ``scratch``          the same network from random initialisation, every parameter trained, random head,
                          the same number of steps: what a plain trainer does with a few labels;
-    ``atlas``            no network: the support masks registered onto the query (real suites only,
-                         :mod:`medmeta_plugin.adapt.atlas`), thresholded at 0.5 - the classic atlas method;
+    ``atlas``            the app's default answer, computed by the app's own pipeline
+                         (:mod:`~medmeta_plugin.benchmarks.served`: files, working grid, placement,
+                         registration, the sure placements' carried masks, back to the query's grid; real
+                         suites only);
     ``multitask+<mode>`` adaptation on the backbone trained jointly on the meta-training tasks;
     ``meta+<mode>``      adaptation on the meta-learned backbone (the shipped one by default).
 
@@ -56,6 +58,7 @@ from medmeta_plugin.adapt.atlas import (
     fuse,
     prior_logits,
 )
+from medmeta_plugin.benchmarks.served import ServedPipeline
 from medmeta_plugin.benchmarks.suites import EvalTask, build_suite
 from medmeta_plugin.caching import BoundedCache
 from medmeta_plugin.meta.objectives import task_score
@@ -256,12 +259,9 @@ class _AtlasPriors:
         return priors, seconds
 
 
-def _carried_logits(prior: tuple[torch.Tensor, torch.Tensor] | None, query: dict[str, Any]) -> torch.Tensor:
-    """The carried masks' answer on a query, (X, Y, Z): prior - 0.5, or nothing where no case was placed
-    sure."""
-    if prior is None:
-        return torch.full(query["label"].shape[1:], -0.5)
-    return prior[0] - 0.5
+def _mask_logits(mask: np.ndarray) -> torch.Tensor:
+    """A served mask (X, Y, Z) as logits for :func:`task_score`, shape (1, 1, X, Y, Z)."""
+    return torch.from_numpy(mask.astype(np.float32) - 0.5)[None, None]
 
 
 @torch.no_grad()
@@ -369,17 +369,26 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
     ]
     fused = {"off": (False,), "on": (True,), "both": (False, True)}[config.atlas]
     cache = _FeatureCache(divisor, config.precision)
+    pipeline: list[ServedPipeline] = []  # made on first use: its engine loads the shipped backbone
+    unsure = 0  # atlas answers given by the network alone: no labelled scan placed sure
+
+    def served() -> ServedPipeline:
+        if not pipeline:
+            pipeline.append(ServedPipeline())
+        return pipeline[0]
+
     for task, shots, seed, method, head in tqdm(jobs, desc=f"benchmark {config.suite}"):
         drawn = task.draw_support(shots, seed)
         label = f"{method}@{head}" if len(heads[method]) > 1 else method
         record = {"task": task.name, "kind": task.kind, "shots": shots, "seed": seed}
-        if method == "atlas":
-            priors, seconds = atlas.priors(task, drawn)
+        if method == "atlas":  # the app's default answer, by the app's own pipeline
+            answers = served().answer(task.name, drawn, task.query)
+            unsure += sum(a.provenance.found_by == "network" for a in answers)
             value = float(
                 np.mean(
                     [
-                        task_score("segmentation", _carried_logits(p, q)[None, None], q["label"][None])
-                        for p, q in zip(priors, task.query)
+                        task_score("segmentation", _mask_logits(a.mask), q["label"][None])
+                        for a, q in zip(answers, task.query)
                     ]
                 )
             )
@@ -389,7 +398,7 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
                     **record,
                     "metric": "dice",
                     "value": value,
-                    "adapt_seconds": seconds,
+                    "adapt_seconds": float(np.mean([a.seconds for a in answers])),
                     "peak_mem_mb": _peak_mem_mb(device),
                 }
             )
@@ -457,7 +466,7 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
         "device": name,
         "config": config_dict,
         "records": records,
-        "unsure_placements": atlas.unsure,
+        "unsure_placements": unsure + atlas.unsure,
     }
 
 
