@@ -26,15 +26,30 @@ class BoundedCache(Generic[V]):
         size: how many entries to keep (the least recently used one leaves first).
         remember_failures: remember a ``ValueError`` raised by a computation and raise it again for that key
             without computing (failures count towards ``size`` like entries).
+        max_bytes: also keep the entries' total ``weigh`` under this many bytes (the most recent entry is
+            kept whatever its size); None: no byte budget.
+        weigh: an entry's size in bytes (needed with ``max_bytes``).
 
     Raises:
-        ValueError: if ``size`` is not a positive integer.
+        ValueError: if ``size`` is not a positive integer, or ``max_bytes`` is given without ``weigh`` or is
+            not positive.
     """
 
-    def __init__(self, size: int, *, remember_failures: bool = False) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        remember_failures: bool = False,
+        max_bytes: int | None = None,
+        weigh: Callable[[V], int] | None = None,
+    ) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive integer, got {size!r}.")
+        if max_bytes is not None and (weigh is None or max_bytes < 1):
+            raise ValueError(f"max_bytes needs a weigh function and a positive budget, got {max_bytes!r}.")
         self.size, self.remember_failures = size, remember_failures
+        self.max_bytes, self._weigh = max_bytes, weigh
+        self._bytes: dict[Hashable, int] = {}
         self._entries: OrderedDict[Hashable, V] = OrderedDict()
         self._failures: OrderedDict[Hashable, ValueError] = OrderedDict()
         self._computing: dict[Hashable, threading.Event] = {}
@@ -78,10 +93,15 @@ class BoundedCache(Generic[V]):
 
     def put(self, key: Hashable, value: V) -> None:
         """Store ``value`` under ``key`` as the most recently used entry (forgetting a failure of it)."""
+        weight = self._weigh(value) if self.max_bytes is not None else 0
         with self._lock:
             self._failures.pop(key, None)
             self._entries[key] = value
             self._entries.move_to_end(key)
+            if self.max_bytes is not None:
+                self._bytes[key] = weight
+                while len(self._entries) > 1 and sum(self._bytes.values()) > self.max_bytes:
+                    self._bytes.pop(self._entries.popitem(last=False)[0])
             self._trim(self._entries)
 
     def peek(self, key: Hashable) -> V | None:
@@ -104,6 +124,7 @@ class BoundedCache(Generic[V]):
         with self._lock:
             self._entries.clear()
             self._failures.clear()
+            self._bytes.clear()
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
@@ -119,4 +140,4 @@ class BoundedCache(Generic[V]):
 
     def _trim(self, entries: OrderedDict) -> None:
         while len(entries) > self.size:
-            entries.popitem(last=False)
+            self._bytes.pop(entries.popitem(last=False)[0], None)

@@ -113,3 +113,23 @@ def test_a_waiter_computes_itself_when_the_first_computation_fails() -> None:
 def test_a_bad_size_is_refused(size) -> None:
     with pytest.raises(ValueError, match="size"):
         BoundedCache(size)
+
+
+def test_a_byte_budget_evicts_the_least_recently_used_but_keeps_the_newest() -> None:
+    cache: BoundedCache[bytes] = BoundedCache(10, max_bytes=10, weigh=len)
+    cache.put("a", b"xxxx")
+    cache.put("b", b"xxxx")
+    cache.get("a", lambda: b"")  # a is now the most recently used
+    cache.put("c", b"xxxx")  # 12 bytes: b leaves
+    assert list(cache) == ["a", "c"]
+    cache.put("huge", b"x" * 50)  # over the budget alone: kept, everything else leaves
+    assert list(cache) == ["huge"]
+    cache.clear()
+    cache.put("d", b"xxxx")
+    assert list(cache) == ["d"]
+
+
+@pytest.mark.parametrize("kwargs", [{"max_bytes": 10}, {"max_bytes": 0, "weigh": len}])
+def test_a_byte_budget_needs_a_weight_and_a_positive_size(kwargs) -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        BoundedCache(4, **kwargs)

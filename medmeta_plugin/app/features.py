@@ -23,11 +23,21 @@ from medmeta_plugin.networks import Backbone3D, BackboneOutput, FullAdapter, Tas
 from medmeta_plugin.networks.position import body_position
 from medmeta_plugin.networks.precision import autocast
 
-__all__ = ["CACHE_ENTRIES", "FeatureCache", "backbone_output", "file_key"]
+__all__ = ["CACHE_BYTES", "CACHE_ENTRIES", "FeatureCache", "backbone_output", "file_key"]
 
-# Scans whose features stay cached: the one being labelled, the one being inferred, and a couple more. At
-# 128^3, one entry is 8 MB per feature channel: 130 MB with 16 channels, 400 MB with 48 (two levels).
-CACHE_ENTRIES = 4
+# Scans whose features stay cached: every labelled scan of a structure being adapted (``max_shots``, 8 by
+# default) and the scan being inferred, within a memory budget. With 4 entries a structure labelled on 5
+# scans recomputed every backbone pass at every adaptation (docs/benchmarks/feature-cache.md). One entry
+# at 128^3 holds 8 MB per feature channel: 130 MB with 16 channels, 400 MB with 48 (two levels), so the
+# budget keeps 8-10 abdominal CTs at 3 mm.
+CACHE_ENTRIES = 10
+CACHE_BYTES = 3 * 2**30
+
+
+def _entry_bytes(entry: tuple[WorkingVolume, BackboneOutput]) -> int:
+    volume, base = entry
+    tensors = [volume.image, base.features, base.embedding, base.position]
+    return sum(t.element_size() * t.nelement() for t in tensors if t is not None)
 
 
 def file_key(path: str | Path) -> tuple[str, int, int]:
@@ -92,7 +102,9 @@ class FeatureCache:
 
     def __init__(self, config: AppConfig, device: torch.device) -> None:
         self.config, self.device = config, device
-        self._entries: BoundedCache[tuple[WorkingVolume, BackboneOutput]] = BoundedCache(CACHE_ENTRIES)
+        self._entries: BoundedCache[tuple[WorkingVolume, BackboneOutput]] = BoundedCache(
+            CACHE_ENTRIES, max_bytes=CACHE_BYTES, weigh=_entry_bytes
+        )
         self._volumes: BoundedCache[WorkingVolume] = BoundedCache(CACHE_ENTRIES)
         self._divisor: int | None = None
 

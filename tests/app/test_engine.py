@@ -374,3 +374,24 @@ def test_some_placements_unsure_leave_the_sure_ones_serving(engine: Engine, stud
         pairs == {("a.nii.gz", True), ("b.nii.gz", False)}
         and engine.placements()["threshold"] == PlacementConfig().threshold
     )
+
+
+def test_each_labelled_scan_gets_one_backbone_pass_across_adaptations(
+    engine: Engine, studies: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five labelled scans fit in the feature cache: adapting again does not repeat their passes."""
+    import shutil
+
+    import medmeta_plugin.app.features as features
+
+    calls = []
+    real = features.backbone_output
+    monkeypatch.setattr(features, "backbone_output", lambda *a, **k: calls.append(1) or real(*a, **k))
+    examples = []
+    for i in range(5):  # five files of one scan: five cache entries
+        image = tmp_path / f"copy{i}.nii.gz"
+        shutil.copyfile(studies["studies"] / "a.nii.gz", image)
+        examples.append(Example(str(image), str(studies["a"]), 1))
+    engine.adapt_task("ball", "segmentation", examples)
+    engine.adapt_task("ball", "segmentation", examples)
+    assert len(calls) == 5
