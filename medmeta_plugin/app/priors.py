@@ -5,8 +5,8 @@
 - A structure's adapter stores its examples (image, label file, value) in its metadata; the prior is built
   from those files when first needed, so it survives restarts and needs no copy of any scan in the store.
 - One registration per (scan, labelled scan) pair, whatever number of structures was labelled on it; one
-  working-grid copy per labelled scan and one label map per label file, in small LRU caches, so 100
-  structures labelled on one scan hold one scan and one label map, not 100.
+  working-grid copy per labelled scan (the app's feature cache holds it) and one label map per label file
+  (a small LRU cache here), so 100 structures labelled on one scan hold one scan and one label map, not 100.
 - A structure labelled on the very scan being segmented gets its own label as prior (no registration).
 - Only labelled scans whose placement is sure are carried (:func:`~medmeta_plugin.adapt.atlas.atlas_prior`
   says why); with none, the structure has no prior on that scan and :class:`StructurePrior` says what each
@@ -33,8 +33,8 @@ from medmeta_plugin.registration import PlacementConfig, register
 
 __all__ = ["RECENT_PLACEMENTS", "AtlasPriors", "StructurePrior", "warm_up"]
 
-# Labelled scans and label maps kept on the working grid: a session labels a handful of scans at a time.
-CACHED_SCANS = 8
+# Label maps kept on the working grid: a session labels a handful of scans at a time.
+CACHED_LABELS = 8
 #: Placement outcomes (one per pair of scans, most recent last) kept for ``/info/``: a few sessions' worth
 #: of pairs, small enough for a client that polls ``/info/`` every few seconds.
 RECENT_PLACEMENTS = 50
@@ -70,8 +70,9 @@ class AtlasPriors:
     """Atlas priors of adapted structures on working grids.
 
     Args:
-        working: reads an image path onto the working grid (:func:`~medmeta_plugin.app.grid.load_working`);
-            the result is kept in a small LRU cache here, so a labelled scan is read and resampled once.
+        working: an image path on the working grid, read once per file version by its owner (the app passes
+            :meth:`FeatureCache.scan <medmeta_plugin.app.features.FeatureCache.scan>`, whose volumes the
+            query's features share; nothing here caches the scans again).
         divisor: the backbone's size divisor (working label maps are padded like the images).
         transform: what registration fits, one of
             :data:`~medmeta_plugin.registration.REGISTRATION_TRANSFORMS`.
@@ -90,16 +91,12 @@ class AtlasPriors:
         self.registrations = RegistrationCache(
             functools.partial(register, transform=transform, placement=self.placement)
         )
-        self._scans: BoundedCache[WorkingVolume] = BoundedCache(CACHED_SCANS)
-        self._labels: BoundedCache[np.ndarray] = BoundedCache(CACHED_SCANS)
+        self._labels: BoundedCache[np.ndarray] = BoundedCache(CACHED_LABELS)
         self._recent: BoundedCache[dict[str, Any]] = BoundedCache(RECENT_PLACEMENTS)
-
-    def _scan(self, path: str) -> WorkingVolume:
-        return self._scans.get(file_key(path), lambda: self.working(path))
 
     def _label(self, path: str, image: str) -> np.ndarray:
         def load() -> np.ndarray:
-            volume = self._scan(image)
+            volume = self.working(image)
             x, y, z = volume.shape
             return label_to_working(path, volume, self.divisor())[:x, :y, :z]
 
@@ -125,7 +122,7 @@ class AtlasPriors:
         for ex in examples:
             try:
                 key = file_key(ex["image"])
-                support = self._scan(ex["image"])
+                support = self.working(ex["image"])
                 mask = (self._label(ex["label"], ex["image"]) == int(ex["value"])).astype(np.float32)
             except (OSError, ValueError, KeyError):
                 continue  # a deleted or replaced file: the other examples still say where the structure is

@@ -358,7 +358,7 @@ def test_some_placements_unsure_leave_the_sure_ones_serving(engine: Engine, stud
     image_a, image_b, image_c = (str(studies["studies"] / f"{n}.nii.gz") for n in "abc")
     examples = [Example(image_a, str(studies["a"]), 1), Example(image_b, str(studies["b"]), 1)]
     engine.adapt_task("ball", "segmentation", examples)
-    real, scan_b = engine._atlas.registrations.register, _array(engine._atlas._scan(image_b))
+    real, scan_b = engine._atlas.registrations.register, _array(engine._atlas.working(image_b))
     engine._atlas.registrations.register = lambda q, qa, m, ma: (
         _unsure() if np.array_equal(m, scan_b) else real(q, qa, m, ma)
     )
