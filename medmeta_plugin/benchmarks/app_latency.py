@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from medmeta_plugin.benchmarks.scoring import mask_dice
 from medmeta_plugin.benchmarks.splits import ABDOMEN_HELDOUT, TUMOUR_HELDOUT
 
 __all__ = ["PAIRS", "ScanPair", "run_app_benchmark", "scratch_baseline", "summarise_app"]
@@ -77,11 +78,6 @@ def _structure_masks(case: str) -> tuple[np.ndarray, Any, dict[str, int]]:
     label, _ = read_label(next(folder.glob("label.*")), meta)
     names = {n: int(v) for v, n in json.loads((folder / "labels.json").read_text()).items()}
     return label, meta, names
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / total) if total else 1.0
 
 
 def scratch_baseline(
@@ -203,7 +199,7 @@ def run_app_benchmark(
                 {
                     "structure": name,
                     "submit_to_infer_s": round(submit_to_infer, 2),
-                    "dice": round(_dice(result == value, truth), 4),
+                    "dice": round(mask_dice(result == value, truth), 4),
                     "query_voxels": int(truth.sum()),
                 }
             )
@@ -225,7 +221,7 @@ def run_app_benchmark(
         name = record["structure"]
         path = labels / f"{name}.nii.gz"
         result, seconds = scratch_baseline(files["support"], path, files["query"], scratch_steps)
-        record["scratch_dice"] = round(_dice(result == 1, query_label == query_names[name]), 4)
+        record["scratch_dice"] = round(mask_dice(result == 1, query_label == query_names[name]), 4)
         record["scratch_s"] = round(seconds, 2)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu: {platform.machine()}"
     return {

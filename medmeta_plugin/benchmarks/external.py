@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from medmeta_plugin.benchmarks.fov import FovPair
+from medmeta_plugin.benchmarks.scoring import mask_dice
 from medmeta_plugin.registration import Registration, place, warp_to
 from medmeta_plugin.registration.grids import soft_tissue_window
 from medmeta_plugin.registration.itk_bridge import LPS, from_itk, to_itk
@@ -120,13 +121,8 @@ def _run_ants(pair: FovPair, kind: str, start: str) -> dict[str, Any]:
             carried = ants.apply_transforms(
                 fixed, mask, transformlist=result["fwdtransforms"], interpolator="linear"
             )
-            dice[name] = _dice(carried.numpy() >= 0.5, pair.fixed.mask(name))
+            dice[name] = mask_dice(carried.numpy() >= 0.5, pair.fixed.mask(name))
     return {"matrix": matrix, "dice": dice, "seconds": seconds}
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / total) if total else 1.0
 
 
 def _run_elastix(pair: FovPair, kind: str) -> dict[str, Any]:
@@ -159,7 +155,7 @@ def _run_elastix(pair: FovPair, kind: str) -> dict[str, Any]:
             start.matrix,
         )
         carried = itk.transformix_filter(to_itk(mask, fixed.affine), transform)
-        dice[name] = _dice(from_itk(carried, fixed.image.shape) >= 0.5, fixed.mask(name))
+        dice[name] = mask_dice(from_itk(carried, fixed.image.shape) >= 0.5, fixed.mask(name))
     return {"matrix": start.matrix, "dice": dice, "seconds": seconds}
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from medmeta_plugin.benchmarks.fov import FOV_CLASSES, FovPair, fov_pairs, world_error
+from medmeta_plugin.benchmarks.scoring import mask_dice
 from medmeta_plugin.registration import (
     Registration,
     deterministic_registration,
@@ -134,17 +135,12 @@ def centres_start(
     return best[1]
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / total) if total else 1.0
-
-
 def _carried_dice(pair: FovPair, warp: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
     """Dice of each scored structure: the support's mask carried onto the query (0.5 level) vs the query's."""
     out = {}
     for name in pair.structures:
         carried = warp(pair.moving.mask(name).astype(np.float32)) >= 0.5
-        out[name] = _dice(carried, pair.fixed.mask(name))
+        out[name] = mask_dice(carried, pair.fixed.mask(name))
     return out
 
 
