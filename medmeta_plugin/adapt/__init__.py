@@ -1,4 +1,8 @@
-"""Few-shot adaptation of one task's adapter and head from a handful of labelled cases."""
+"""Few-shot adaptation of one task's adapter and head from a handful of labelled cases.
+
+One procedure (:func:`adapt_batch`, with :func:`adapt` its entry point for labelled cases) serves the app's
+worker, every benchmark, and meta-training's inner loop.
+"""
 
 from medmeta_plugin.adapt.adaptation import (
     HEAD_MODE_STEPS,
@@ -6,6 +10,8 @@ from medmeta_plugin.adapt.adaptation import (
     AdaptBudget,
     AdaptReport,
     adapt,
+    adapt_batch,
+    first_order_head,
     head_mode_budget,
     stack_support,
 )
@@ -22,7 +28,9 @@ __all__ = [
     "AdaptBudget",
     "AdaptReport",
     "adapt",
+    "adapt_batch",
     "classification_head_init",
+    "first_order_head",
     "head_mode_budget",
     "init_head",
     "regression_head_init",

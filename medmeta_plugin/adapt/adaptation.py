@@ -25,11 +25,11 @@ import torch
 from monai.utils import look_up_option
 
 from medmeta_plugin.adapt.head_init import init_head
-from medmeta_plugin.meta.objectives import task_loss, task_score
 from medmeta_plugin.networks.adapters import ADAPTER_CLASSES, ADAPTER_MODES, FullAdapter
 from medmeta_plugin.networks.backbone import BackboneOutput
 from medmeta_plugin.networks.heads import SEGMENTATION_HEADS, TASK_KINDS
 from medmeta_plugin.networks.model import MetaModel, TaskAdapter, TaskInfo
+from medmeta_plugin.networks.objectives import task_loss, task_score
 from medmeta_plugin.networks.position import body_position
 from medmeta_plugin.networks.precision import PRECISIONS, autocast
 
@@ -41,6 +41,8 @@ __all__ = [
     "AdaptBudget",
     "AdaptReport",
     "adapt",
+    "adapt_batch",
+    "first_order_head",
     "head_mode_budget",
     "stack_support",
 ]
@@ -73,7 +75,7 @@ class AdaptBudget:
     Attributes:
         steps: gradient steps with k = 1, and the most that leave-one-out may choose with k >= 2.
         lr: Adam learning rate of the fast parameters.
-        eval_every: leave-one-out evaluates the held-out case every this many steps.
+        eval_every: leave-one-out evaluates the held-out case every this many steps, and after the last.
         head_init: initialise the head in closed form from the support features (else at random).
         early_stopping: choose the step count by leave-one-out when k >= 2.
         voxel_sample: how head-mode segmentation samples voxels, one of :data:`VOXEL_SAMPLES`.
@@ -221,7 +223,7 @@ def _voxel_sample(masks: torch.Tensor, n: int, how: str) -> tuple[torch.Tensor, 
     """``n`` voxel indices per case and their loss weights (see :data:`VOXEL_SAMPLES`).
 
     Args:
-        masks: binary masks (k, 1, X, Y, Z) with more than ``n`` voxels each.
+        masks: binary masks (k, 1, X, Y, Z) with at least ``n`` voxels each.
         n: voxels per case.
         how: one of :data:`VOXEL_SAMPLES`.
 
@@ -294,8 +296,11 @@ class _Fitter:
         self.base = base.channel_last()  # no copy where the caller's cache keeps them so (the app's does)
         self.sample: _VoxelSample | None = None
         n_vox = images[0, 0].numel()
-        if info.mode == "head" and info.kind == "segmentation" and n_vox > HEAD_VOXELS:
-            index, weight = _voxel_sample(targets, HEAD_VOXELS, budget.voxel_sample)
+        # Steps fit a voxel sample wherever a step's subset is smaller than the volume: at most HEAD_VOXELS
+        # per case (all voxels of a smaller one, e.g. a meta-training patch, which then costs a quarter).
+        sampled = n_vox > (budget.step_voxels or HEAD_VOXELS)
+        if info.mode == "head" and info.kind == "segmentation" and sampled:
+            index, weight = _voxel_sample(targets, min(HEAD_VOXELS, n_vox), budget.voxel_sample)
 
             def rows(volumes: torch.Tensor) -> torch.Tensor:  # (k, C, X, Y, Z) -> (k, n, C), contiguous
                 k, c = volumes.shape[:2]
@@ -382,13 +387,14 @@ class _Fitter:
     ) -> tuple[float, list[float]]:
         """Take ``steps`` Adam steps on ``task``; score ``held_out`` every ``eval_every`` steps."""
         params = [p for p in task.parameters() if p.requires_grad]
+        checkpoints = set(_checkpoints(steps, self.budget.eval_every))
         optimizer = torch.optim.Adam(params, lr=self.budget.lr)
         shift = self.prior_shift(idx)
         scores: list[float] = []
         loss = torch.zeros(())
         sample = self.voxel_sample(idx)
         for step in range(steps + 1):
-            if held_out is not None and step % self.budget.eval_every == 0:
+            if held_out is not None and step in checkpoints:
                 with torch.no_grad():
                     out = self.forward(task, held_out) + shift
                 scores.append(task_score(self.info.kind, out, self.targets[held_out]))
@@ -404,6 +410,11 @@ class _Fitter:
                 task.head.conv.bias += shift
             final = float(task_loss(self.info.kind, self.forward(task, idx), self.targets[idx]))
         return final, scores
+
+
+def _checkpoints(steps: int, every: int) -> list[int]:
+    """The step counts leave-one-out scores: every ``every`` steps from 0, and the whole budget."""
+    return sorted({*range(0, steps + 1, every), steps})
 
 
 def _held_out_cases(k: int, folds: int | None) -> list[int]:
@@ -454,10 +465,8 @@ def adapt(
         ValueError: for an unknown kind or mode, invalid support cases, missing ``num_outputs``, or
             ``features`` that do not match the support images.
     """
-    start = time.perf_counter()
     kind = look_up_option(kind, TASK_KINDS)
     mode = look_up_option(mode, ADAPTER_MODES)
-    budget = budget or AdaptBudget()
     device = next(model.backbone.parameters()).device
     images, targets = stack_support(support, kind, device)
     if kind == "classification":
@@ -467,6 +476,41 @@ def adapt(
             raise ValueError(f"class targets {targets.tolist()} out of range for num_outputs={num_outputs}.")
     outputs = num_outputs if num_outputs is not None else (targets.shape[1] if kind == "regression" else 1)
     info = TaskInfo(name, kind, mode, int(outputs), head=look_up_option(head, SEGMENTATION_HEADS))
+    return adapt_batch(model, images, targets, info, budget, features=features, seed=seed)
+
+
+def adapt_batch(
+    model: MetaModel,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    info: TaskInfo,
+    budget: AdaptBudget | None = None,
+    *,
+    features: BackboneOutput | None = None,
+    seed: int = 0,
+) -> tuple[TaskAdapter, AdaptReport]:
+    """The adaptation itself, on stacked tensors: what :func:`adapt` runs for the app and the benchmarks,
+    and what every meta-training algorithm runs as its inner loop.
+
+    Args:
+        model: the model whose backbone is adapted to; it is not changed.
+        images: support images (k, C, X, Y, Z).
+        targets: masks (k, 1, X, Y, Z), class indices (k,) or values (k, V) (see :func:`stack_support`).
+        info: the new task (name, kind, mode, outputs, head).
+        budget: see :func:`adapt`.
+        features: see :func:`adapt`; detached here (adaptation never back-propagates into them: a caller
+            that needs the meta-gradient takes it with :func:`first_order_head`).
+        seed: see :func:`adapt`.
+
+    Returns:
+        The fitted :class:`TaskAdapter` (leaf parameters) and an :class:`AdaptReport`.
+
+    Raises:
+        ValueError: if ``features`` do not match ``images``.
+    """
+    start = time.perf_counter()
+    budget = budget or AdaptBudget()
+    device = images.device
     k = images.shape[0]
     if features is not None and (
         features.features.shape[0] != k or features.features.shape[2:] != images.shape[2:]
@@ -475,6 +519,9 @@ def adapt(
             f"features of shape {tuple(features.features.shape)} do not belong to the support images "
             f"{tuple(images.shape)}: expected (k, C, X, Y, Z) with the same k and X, Y, Z."
         )
+    images, targets = images.detach(), targets.detach()
+    if features is not None:
+        features = features.detach()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         fitter = _Fitter(model, info, images, targets, budget, features)
@@ -486,16 +533,16 @@ def adapt(
                 _, scores = fitter.fit(fitter.new_task(train), train, budget.steps, held_out=[i])
                 fold_scores.append(scores)
             mean = np.mean(fold_scores, axis=0)
-            grid = [min(s * budget.eval_every, budget.steps) for s in range(len(mean))]
+            grid = _checkpoints(budget.steps, budget.eval_every)
             best = int(np.argmax(mean))  # first maximum: the fewest steps among equals
             steps, loo_score = grid[best], float(mean[best])
             curve = [[float(s), float(v)] for s, v in zip(grid, mean)]
         task = fitter.new_task(list(range(k)))
         final_loss, _ = fitter.fit(task, list(range(k)), steps)
     report = AdaptReport(
-        task=name,
-        kind=kind,
-        mode=mode,
+        task=info.name,
+        kind=info.kind,
+        mode=info.mode,
         shots=k,
         steps=steps,
         seconds=time.perf_counter() - start,
@@ -505,3 +552,38 @@ def adapt(
         device=str(device),
     )
     return task, report
+
+
+def first_order_head(
+    task: TaskAdapter, base: BackboneOutput, targets: torch.Tensor, budget: AdaptBudget | None = None
+) -> dict[str, torch.Tensor]:
+    """The fitted head's closed-form parameters as functions of ``base``, first order in the steps.
+
+    Adaptation starts the head from :func:`~medmeta_plugin.adapt.head_init.init_head` of the support
+    features and then takes steps. Written as ``init_head(base) + (fitted - init_head(base)).detach()``, the
+    head has the fitted values and the exact gradient of its start with respect to the features: the
+    first-order meta-gradient (each step's change a constant), which is how meta-training differentiates the
+    query loss after :func:`adapt_batch` into the backbone.
+
+    Args:
+        task: the adapter :func:`adapt_batch` fitted on these support cases.
+        base: the backbone's output on the support images, with its graph to the backbone (features
+            (k, C, X, Y, Z), embedding (k, E)).
+        targets: the support targets :func:`adapt_batch` was given.
+        budget: the budget it ran with (whether the head started in closed form).
+
+    Returns:
+        Replacement tensors for ``task.head`` keyed by their names in it (``conv.weight`` ... or
+        ``linear.weight`` ...); empty when the head did not start in closed form.
+    """
+    budget = budget or AdaptBudget()
+    if not budget.head_init:
+        return {}
+    info = task.info
+    layer_name = "conv" if info.kind == "segmentation" else "linear"
+    layer = getattr(task.head, layer_name)
+    start = init_head(info.kind, base, targets, info.num_outputs)
+    return {
+        f"{layer_name}.{key}": start[key] + (getattr(layer, key) - start[key]).detach()
+        for key in ("weight", "bias")
+    }

@@ -28,8 +28,8 @@ from medmeta_plugin.app.config import DEFAULT_BACKBONE
 from medmeta_plugin.app.segmenting import mask_uncertainty
 from medmeta_plugin.app.strategy import select_diverse, select_uncertain
 from medmeta_plugin.episodes import HELDOUT_FAMILIES
-from medmeta_plugin.meta.objectives import task_score
 from medmeta_plugin.networks import BackboneOutput, MetaModel, load_backbone
+from medmeta_plugin.networks.objectives import task_score
 
 __all__ = ["STRATEGIES", "plot_active", "run_active_benchmark", "summarise_active"]
 

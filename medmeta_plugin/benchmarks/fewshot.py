@@ -61,10 +61,10 @@ from medmeta_plugin.adapt.atlas import (
 from medmeta_plugin.benchmarks.served import ServedPipeline
 from medmeta_plugin.benchmarks.suites import EvalTask, build_suite
 from medmeta_plugin.caching import BoundedCache
-from medmeta_plugin.meta.objectives import task_score
 from medmeta_plugin.networks import ADAPTER_MODES, Backbone3D, MetaModel, load_backbone
 from medmeta_plugin.networks.backbone import BackboneOutput
 from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
+from medmeta_plugin.networks.objectives import task_score
 from medmeta_plugin.networks.precision import PRECISIONS, autocast
 from medmeta_plugin.registration import (
     REGISTRATION_TRANSFORMS,
@@ -74,11 +74,14 @@ from medmeta_plugin.registration import (
 
 __all__ = [
     "ATLAS_CHOICES",
+    "DEFAULT_PLANS",
+    "FULL_PLAN",
     "METHODS",
     "BenchmarkConfig",
     "parse_methods",
     "plot",
     "run_benchmark",
+    "skipped_by_default",
     "summarise",
     "write_results",
 ]
@@ -94,6 +97,53 @@ METHODS = (
 )
 #: ``off``: plain head logits; ``on``: fused with the atlas prior where a suite has geometry; ``both``.
 ATLAS_CHOICES = ("off", "on", "both")
+
+
+@dataclass(frozen=True)
+class DefaultPlan:
+    """What ``medmeta benchmark fewshot --suite S`` runs without ``--full``: sized to finish within about
+    20 minutes on 2 CPU cores, with the methods whose answer is the app's (phantoms have no geometry: there
+    the app's answer is the adapted head, ``meta+head``; real scans: ``atlas``, the app's own pipeline).
+
+    Attributes:
+        methods, shots, seeds: the grid; ``atlas`` the fusion setting of adapted methods.
+    """
+
+    methods: tuple[str, ...]
+    shots: tuple[int, ...] = (1, 3, 5)
+    seeds: int = 1
+    atlas: str = "off"
+
+
+_PHANTOM_PLAN = DefaultPlan(("scratch", "multitask+head", "meta+head"))
+_REAL_PLAN = DefaultPlan(("atlas",))
+#: The default grid of each suite; ``--full`` runs every method, 3 seeds, and the fused variants.
+DEFAULT_PLANS: dict[str, DefaultPlan] = {
+    "synthetic-heldout": _PHANTOM_PLAN,
+    "synthetic-classification": _PHANTOM_PLAN,
+    "synthetic-regression": _PHANTOM_PLAN,
+    "abdomen-ct-to-mr": _REAL_PLAN,
+    "abdomen-ct-to-mr-dev": _REAL_PLAN,
+    "brain-heldout": _REAL_PLAN,
+    "brain-dev": _REAL_PLAN,
+    "brain-tumour": DefaultPlan(("atlas",), shots=(1, 3)),
+}
+#: ``--full``: the whole grid.
+FULL_PLAN = DefaultPlan(METHODS, seeds=3, atlas="both")
+
+
+def skipped_by_default(suite: str) -> str:
+    """What the default plan of ``suite`` leaves to ``--full``, in words."""
+    plan, full = DEFAULT_PLANS[suite], FULL_PLAN
+    left = [m for m in full.methods if m not in plan.methods]
+    parts = []
+    if left:
+        parts.append(f"methods {' '.join(left)}")
+    if plan.seeds < full.seeds:
+        parts.append(f"seeds {plan.seeds + 1}-{full.seeds}")
+    if plan.atlas != full.atlas:
+        parts.append("the adapted methods fused with the atlas prior (+atlas)")
+    return "; ".join(parts) or "nothing"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
-"""Meta-learning of the shared backbone: objectives, functional inner loops, algorithms and the trainer."""
+"""Meta-learning of the shared backbone: the algorithms (each runs the product's one adaptation as its inner
+loop, :func:`medmeta_plugin.adapt.adapt_batch`), their configuration and the trainer."""
 
 from medmeta_plugin.meta.algorithms import ALGORITHMS, InnerConfig, TaskBatch, episode_gradients
-from medmeta_plugin.meta.objectives import task_loss, task_score
 
-__all__ = ["ALGORITHMS", "InnerConfig", "TaskBatch", "episode_gradients", "task_loss", "task_score"]
+__all__ = ["ALGORITHMS", "InnerConfig", "TaskBatch", "episode_gradients"]

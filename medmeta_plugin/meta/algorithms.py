@@ -2,15 +2,21 @@
 
 Each algorithm turns one episode (a task's support and query batches) into gradients for the model's
 meta-parameters; the trainer averages them over a meta-batch (and over processes) and takes one optimiser
-step. All inner loops are functional (:mod:`medmeta_plugin.meta.inner`): the stored backbone is only ever
-changed by that outer step.
+step. The inner loop of every algorithm is the product's own adaptation,
+:func:`medmeta_plugin.adapt.adapt_batch` with :func:`~medmeta_plugin.adapt.head_mode_budget` (the optimiser,
+step budget, voxel sample, leave-one-out stopping and prior shift the app's worker and the benchmarks run),
+so meta-training optimises the query loss after exactly the adaptation users get. Adaptation never writes
+to the backbone: only the outer step changes it.
 
-- ``multitask``: joint supervised training, one persistent head per task: the strong baseline.
-- ``anil``: closed-form head initialisation from the support features, a few steps on the fast parameters
-  (head, or adapter and head), query loss back-propagated into the backbone (Raghu et al. 2020).
-- ``fomaml``: steps on the whole network, first-order meta-gradient of the query loss (Finn et al. 2017).
-- ``reptile``: steps on the whole network over support and query; the meta-gradient is the difference
-  between the start and end weights (Nichol et al. 2018).
+- ``multitask``: joint supervised training, one persistent head per task: the strong baseline (no inner loop).
+- ``anil``: the adaptation in ``head``, ``film`` or ``lora`` mode; the query loss reaches the backbone
+  through the query features and, exactly, through the head's closed-form start from the support features
+  (:func:`~medmeta_plugin.adapt.first_order_head`; each step's change is a constant: first order).
+  Raghu et al. 2020.
+- ``fomaml``: the adaptation in ``full`` mode (a copy of the whole network); the meta-gradient is the query
+  loss's gradient at the adapted weights (Finn et al. 2017, first order).
+- ``reptile``: the adaptation in ``full`` mode on support and query together; the meta-gradient is the
+  difference between the start and the adapted weights over the step size (Nichol et al. 2018).
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ from dataclasses import dataclass
 
 import torch
 from monai.utils import look_up_option
+from torch.func import functional_call
 
-from medmeta_plugin.adapt.head_init import init_head
-from medmeta_plugin.meta.inner import EpisodeNet, apply_head, sgd_steps
-from medmeta_plugin.meta.objectives import task_loss, task_score
+from medmeta_plugin.adapt import HEAD_MODE_STEPS, AdaptBudget, adapt_batch, first_order_head, head_mode_budget
+from medmeta_plugin.networks.adapters import FullAdapter
 from medmeta_plugin.networks.backbone import BackboneOutput
-from medmeta_plugin.networks.model import MetaModel, TaskInfo
+from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
+from medmeta_plugin.networks.model import MetaModel, TaskAdapter, TaskInfo
+from medmeta_plugin.networks.objectives import task_loss, task_score
+from medmeta_plugin.networks.position import body_position
 
 __all__ = ["ALGORITHMS", "InnerConfig", "TaskBatch", "episode_gradients"]
 
@@ -33,27 +42,32 @@ ALGORITHMS = ("multitask", "anil", "fomaml", "reptile")
 
 @dataclass(frozen=True)
 class InnerConfig:
-    """Inner-loop hyper-parameters.
+    """The adaptation an episode's inner loop runs: the product's, with these settings.
 
     Attributes:
-        steps: gradient steps on the support set per episode.
-        lr: inner step size (SGD) of the fast parameters (adapter and head).
-        backbone_lr: inner step size of the backbone in ``fomaml`` and ``reptile`` (whole-network steps need
-            a far smaller step than a linear head: 0.1 diverges within three steps on a fresh backbone).
-        first_order: drop second-order terms of the steps (the head initialisation stays exact).
-        mode: adapter mode adapted in ``anil``'s inner loop (``head``, ``film`` or ``lora``).
+        steps: step budget of the adaptation (leave-one-out picks fewer with k >= 2); by default the app's
+            ``adapt_steps`` and the benchmark's ``head_steps``: one number,
+            :data:`~medmeta_plugin.adapt.HEAD_MODE_STEPS`.
+        lr: Adam learning rate of the fast parameters (the adaptation's default).
+        mode: adapter mode adapted by ``anil`` (``head``, ``film`` or ``lora``); ``fomaml`` and ``reptile``
+            adapt the whole network (``full``).
+        head: segmentation head kind of the adapted tasks (the app's default).
     """
 
-    steps: int = 3
-    lr: float = 0.1
-    backbone_lr: float = 0.01
-    first_order: bool = True
+    steps: int = HEAD_MODE_STEPS
+    lr: float = AdaptBudget.lr
     mode: str = "head"
+    head: str = DEFAULT_SEGMENTATION_HEAD
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.lr <= 0 or self.backbone_lr <= 0:
+        if self.steps < 0 or self.lr <= 0:
             raise ValueError(f"inner steps must be >= 0 and lr > 0, got steps={self.steps}, lr={self.lr}.")
         look_up_option(self.mode, ("head", "film", "lora"))
+        look_up_option(self.head, SEGMENTATION_HEADS)
+
+    def budget(self) -> AdaptBudget:
+        """The adaptation budget: :func:`~medmeta_plugin.adapt.head_mode_budget` of ``steps``."""
+        return head_mode_budget(self.steps, lr=self.lr)
 
 
 @dataclass(frozen=True)
@@ -80,51 +94,51 @@ def _split(out: BackboneOutput, k: int) -> tuple[BackboneOutput, BackboneOutput]
     return out.take(slice(None, k)), out.take(slice(k, None))
 
 
-def _head_names(kind: str) -> tuple[str, str]:
-    layer = "conv" if kind == "segmentation" else "linear"
-    return f"task.head.{layer}.weight", f"task.head.{layer}.bias"
+def _seed() -> int:
+    """The adaptation's seed, drawn from the trainer's (seeded) torch generator: runs repeat."""
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
+def _adapt(
+    model: MetaModel,
+    b: TaskBatch,
+    inner: InnerConfig,
+    mode: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    base: BackboneOutput | None = None,
+) -> TaskAdapter:
+    info = TaskInfo("episode", b.kind, mode, b.num_outputs, head=inner.head)
+    task, _ = adapt_batch(model, x, y, info, inner.budget(), features=base, seed=_seed())
+    return task
 
 
 def _anil(model: MetaModel, b: TaskBatch, inner: InnerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     k = b.xs.shape[0]
     base_s, base_q = _split(model.backbone(torch.cat([b.xs, b.xq])), k)
-    head = init_head(b.kind, base_s, b.ys, b.num_outputs)
-    if inner.mode == "head":
-        head = sgd_steps(
-            lambda p: task_loss(b.kind, apply_head(b.kind, p, base_s), b.ys),
-            head,
-            inner.steps,
-            inner.lr,
-            inner.first_order,
-        )
-        out_q = apply_head(b.kind, head, base_q)
-    else:
-        net = EpisodeNet(model.backbone, TaskInfo("episode", b.kind, inner.mode, b.num_outputs))
-        w_name, b_name = _head_names(b.kind)
-        params = {**net.adapter_params(), w_name: head["weight"], b_name: head["bias"]}
-        params = sgd_steps(
-            lambda p: net.loss(b.kind, b.xs, b.ys, p), params, inner.steps, inner.lr, inner.first_order
-        )
-        out_q = net.run(b.xq, params)
+    task = _adapt(model, b, inner, inner.mode, b.xs, b.ys, base_s if inner.mode == "head" else None)
+    head = first_order_head(task, base_s, b.ys, inner.budget())
+    if inner.mode != "head":  # the adapted adapter acts inside the backbone's query pass
+        base_q = model.backbone(b.xq, adapter=task.adapter)
+    out_q = functional_call(task.head, head, (_placed(base_q, b.xq),), strict=False)
     return task_loss(b.kind, out_q, b.yq), out_q
 
 
-def _whole_network_steps(
+def _full(
     model: MetaModel, b: TaskBatch, inner: InnerConfig, x: torch.Tensor, y: torch.Tensor
-) -> tuple[EpisodeNet, dict[str, torch.Tensor]]:
-    """Start from the backbone and a closed-form head; take first-order steps on everything."""
-    net = EpisodeNet(model.backbone, TaskInfo("episode", b.kind, "head", b.num_outputs))
-    with torch.no_grad():
-        head = init_head(b.kind, model.backbone(b.xs), b.ys, b.num_outputs)
-    w_name, b_name = _head_names(b.kind)
-    params = {
-        f"backbone.{n}": p.detach().clone().requires_grad_(True) for n, p in model.backbone.named_parameters()
-    }
-    params[w_name] = head["weight"].detach().requires_grad_(True)
-    params[b_name] = head["bias"].detach().requires_grad_(True)
-    return net, sgd_steps(
-        lambda p: net.loss(b.kind, x, y, p), params, inner.steps, inner.lr, first_order=True
-    )
+) -> TaskAdapter:
+    """The adaptation of a private copy of the whole network (``full`` mode) on ``x``, ``y``."""
+    return _adapt(model, b, inner, "full", x, y)
+
+
+def _placed(out: BackboneOutput, x: torch.Tensor) -> BackboneOutput:
+    """The backbone's output with the voxels' body positions, as adaptation gives its heads."""
+    return out if out.position is not None else out._replace(position=body_position(x))
+
+
+def _query_out(task: TaskAdapter, xq: torch.Tensor) -> torch.Tensor:
+    assert isinstance(task.adapter, FullAdapter)
+    return task.head(_placed(task.adapter.backbone(xq, adapter=task.adapter), xq))
 
 
 def episode_gradients(
@@ -156,18 +170,20 @@ def episode_gradients(
         score_y = batch.yq
         grads = dict(zip(meta, torch.autograd.grad(loss, list(meta.values()), allow_unused=True)))
     elif algorithm == "fomaml":
-        net, adapted = _whole_network_steps(model, batch, inner, batch.xs, batch.ys)
-        score_out = net.run(batch.xq, adapted)
+        task = _full(model, batch, inner, batch.xs, batch.ys)
+        adapted = {f"backbone.{n}": p for n, p in task.adapter.backbone.named_parameters()}
+        score_out = _query_out(task, batch.xq)
         loss = task_loss(batch.kind, score_out, batch.yq)
         names = list(meta)
         grads = dict(zip(names, torch.autograd.grad(loss, [adapted[n] for n in names], allow_unused=True)))
         score_y = batch.yq
     else:  # reptile
         x, y = torch.cat([batch.xs, batch.xq]), torch.cat([batch.ys, batch.yq])
-        net, adapted = _whole_network_steps(model, batch, inner, x, y)
-        grads = {n: (p.detach() - adapted[n].detach()) / inner.backbone_lr for n, p in meta.items()}
+        task = _full(model, batch, inner, x, y)
+        adapted = {f"backbone.{n}": p for n, p in task.adapter.backbone.named_parameters()}
+        grads = {n: (p.detach() - adapted[n].detach()) / inner.lr for n, p in meta.items()}
         with torch.no_grad():
-            score_out = net.run(batch.xq, adapted)
+            score_out = _query_out(task, batch.xq)
             loss = task_loss(batch.kind, score_out, batch.yq)
         score_y = batch.yq
     grads = {n: g.detach() for n, g in grads.items() if g is not None}

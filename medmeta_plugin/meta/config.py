@@ -7,7 +7,7 @@ Example (``sample_apps/backbone/meta_train.yaml`` is the shipped backbone's)::
     steps: 600                 # outer steps
     meta_batch: 4              # episodes per outer step
     outer_lr: 0.001
-    inner: {steps: 3, lr: 0.1, backbone_lr: 0.01, first_order: true, mode: head}
+    inner: {mode: head}        # the app's adaptation: steps (default 200), lr, mode, head
     backbone: {features: [16, 32, 64, 128], norm: instance}
     episodes: {k_support: 2, q_query: 2, patch_size: [32, 32, 32], pos_fraction: 0.67}
     data:

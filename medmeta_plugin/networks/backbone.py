@@ -130,6 +130,11 @@ class BackboneOutput(NamedTuple):
         position = None if self.position is None else self.position.float()
         return BackboneOutput(self.features.float(), self.embedding.float(), position)
 
+    def detach(self) -> BackboneOutput:
+        """The same tensors cut from their graph (no copy)."""
+        position = None if self.position is None else self.position.detach()
+        return BackboneOutput(self.features.detach(), self.embedding.detach(), position)
+
     @staticmethod
     def cat(outputs: list[BackboneOutput]) -> BackboneOutput:
         """Concatenate outputs of equal spatial size along the batch axis (positions if all have them)."""

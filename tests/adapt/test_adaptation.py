@@ -16,8 +16,8 @@ from medmeta_plugin.adapt import (
 )
 from medmeta_plugin.adapt.adaptation import _held_out_cases, _voxel_sample
 from medmeta_plugin.adapt.head_init import PROTOTYPE_MARGIN
-from medmeta_plugin.meta import task_score
 from medmeta_plugin.networks import ADAPTER_MODES, MetaModel
+from medmeta_plugin.networks.objectives import task_score
 from tests.conftest import blob_cases
 
 FAST = AdaptBudget(steps=6, eval_every=3, lr=0.05)
@@ -46,7 +46,7 @@ def test_support_loss_drops(tiny_model: MetaModel) -> None:
     )
     assert report.steps == 15
     from medmeta_plugin.adapt import stack_support
-    from medmeta_plugin.meta import task_loss
+    from medmeta_plugin.networks.objectives import task_loss
 
     images, masks = stack_support(support, "segmentation", torch.device("cpu"))
     tiny_model.attach(start)
@@ -227,7 +227,7 @@ def test_head_mode_fits_whole_volumes_larger_than_the_sample(tiny_model: MetaMod
     start, _ = adapt(tiny_model, support, "segmentation", "head", AdaptBudget(steps=0), name="b")
     _, report = adapt(tiny_model, support, "segmentation", "head", budget, name="b")
     from medmeta_plugin.adapt import stack_support
-    from medmeta_plugin.meta import task_loss
+    from medmeta_plugin.networks.objectives import task_loss
 
     images, masks = stack_support(support, "segmentation", torch.device("cpu"))
     tiny_model.attach(start)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medmeta_plugin.adapt import adapt_batch, first_order_head, head_mode_budget, init_head
 from medmeta_plugin.meta import ALGORITHMS, InnerConfig, TaskBatch, episode_gradients
-from medmeta_plugin.meta.inner import sgd_steps
-from medmeta_plugin.networks import MetaModel
+from medmeta_plugin.networks import MetaModel, TaskInfo
+from medmeta_plugin.networks.objectives import task_loss, task_score
+from medmeta_plugin.networks.position import body_position
 from tests.conftest import blob_cases
 
 
@@ -18,16 +20,37 @@ def _batch(seed: int = 0) -> TaskBatch:
     return TaskBatch("blob", "segmentation", 1, xs, ys, xq, yq)
 
 
-def test_first_order_steps_match_a_hand_computed_reference() -> None:
-    # loss(w) = a * w^2: one step is w - lr * 2 a w, and d(w_1)/d(w_0) = 1 - 2 a lr with second order.
-    a, lr, w0 = 3.0, 0.05, torch.tensor(2.0, requires_grad=True)
-    out = sgd_steps(lambda p: a * p["w"] ** 2, {"w": w0}, steps=2, lr=lr, first_order=True)
-    assert float(out["w"].detach()) == pytest.approx(2.0 * (1 - 2 * a * lr) ** 2)
-    (g_first,) = torch.autograd.grad(out["w"], w0)
-    assert float(g_first) == pytest.approx(1.0), "first order treats each step's gradient as a constant"
-    out = sgd_steps(lambda p: a * p["w"] ** 2, {"w": w0}, steps=2, lr=lr, first_order=False)
-    (g_second,) = torch.autograd.grad(out["w"], w0)
-    assert float(g_second) == pytest.approx((1 - 2 * a * lr) ** 2)
+def test_first_order_head_has_the_fitted_values_and_the_gradient_of_its_start(tiny_model: MetaModel) -> None:
+    batch = _batch()
+    base = tiny_model.backbone(batch.xs)
+    info = TaskInfo("blob", "segmentation", "head", 1, head="position")
+    budget = head_mode_budget(10)
+    task, _ = adapt_batch(tiny_model, batch.xs, batch.ys, info, budget, features=base, seed=0)
+    head = first_order_head(task, base, batch.ys, budget)
+    assert torch.allclose(head["conv.weight"], task.head.conv.weight, atol=1e-6)
+    assert torch.allclose(head["conv.bias"], task.head.conv.bias, atol=1e-6)
+    assert not torch.equal(task.head.conv.weight, init_head("segmentation", base, batch.ys, 1)["weight"])
+    (g_head,) = torch.autograd.grad(head["conv.weight"].sum(), base.features, retain_graph=True)
+    start = init_head("segmentation", base, batch.ys, 1)
+    (g_start,) = torch.autograd.grad(start["weight"].sum(), base.features)
+    assert torch.allclose(g_head, g_start), "each step's change is a constant: the start's gradient only"
+
+
+def test_anil_inner_loop_is_the_apps_adaptation(tiny_model: MetaModel) -> None:
+    """anil's query output is that of adapt_batch, the app's adaptation, fitted on the support."""
+    batch, inner = _batch(seed=2), InnerConfig(steps=12)
+    torch.manual_seed(5)
+    _, metrics = episode_gradients("anil", tiny_model, batch, inner)
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    info = TaskInfo("episode", "segmentation", "head", 1, head=inner.head)
+    task, report = adapt_batch(tiny_model, batch.xs, batch.ys, info, inner.budget(), seed=seed)
+    assert report.loo_curve, "k = 2: the inner loop chooses its steps by leave-one-out, as the app does"
+    with torch.no_grad():
+        base = tiny_model.backbone(batch.xq)
+        out = task.head(base._replace(position=body_position(batch.xq)))
+    assert metrics["query_score"] == pytest.approx(task_score("segmentation", out, batch.yq), abs=1e-5)
+    assert metrics["query_loss"] == pytest.approx(float(task_loss("segmentation", out, batch.yq)), abs=1e-5)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -81,8 +104,8 @@ def test_outer_steps_lower_the_query_loss(tiny_model: MetaModel, algorithm: str)
     [
         ({"steps": -1}, "steps"),
         ({"lr": 0.0}, "lr"),
-        ({"backbone_lr": -1.0}, "lr"),
         ({"mode": "full"}, "head"),
+        ({"head": "mlp"}, "position"),
     ],
 )
 def test_invalid_inner_config(kwargs: dict, match: str) -> None:
@@ -93,3 +116,20 @@ def test_invalid_inner_config(kwargs: dict, match: str) -> None:
 def test_unknown_algorithm(tiny_model: MetaModel) -> None:
     with pytest.raises(ValueError, match="reptile"):
         episode_gradients("reptil", tiny_model, _batch(), InnerConfig())
+
+
+def test_meta_training_the_app_and_the_benchmark_share_one_step_budget() -> None:
+    """One number caps the adaptation's steps for all three users, and they build the same budget from it."""
+    from medmeta_plugin.adapt import HEAD_MODE_STEPS
+    from medmeta_plugin.app.config import AppConfig
+    from medmeta_plugin.benchmarks.fewshot import BenchmarkConfig
+    from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD
+
+    assert (
+        InnerConfig().steps
+        == AppConfig().adapt_steps
+        == BenchmarkConfig("synthetic-heldout").head_steps
+        == HEAD_MODE_STEPS
+    )
+    assert InnerConfig().budget() == head_mode_budget(HEAD_MODE_STEPS)
+    assert InnerConfig().head == AppConfig().head == DEFAULT_SEGMENTATION_HEAD

@@ -7,9 +7,9 @@ import torch
 
 import medmeta_plugin.networks.heads as heads
 from medmeta_plugin.adapt import AdaptBudget, adapt
-from medmeta_plugin.meta import task_score
 from medmeta_plugin.networks import BackboneOutput, MetaModel, load_adapter, save_adapter
 from medmeta_plugin.networks.heads import SegmentationHead
+from medmeta_plugin.networks.objectives import task_score
 from medmeta_plugin.networks.position import POSITION_CHANNELS, body_position
 
 

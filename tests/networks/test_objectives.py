@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medmeta_plugin.meta import task_loss
-from medmeta_plugin.meta.objectives import weighted_segmentation_loss
+from medmeta_plugin.networks.objectives import task_loss, weighted_segmentation_loss
 
 
 def _volume(seed: int, fg: float) -> tuple[torch.Tensor, torch.Tensor]:
