@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 from medmeta_plugin.cli import app_benchmarks, serve
@@ -195,9 +196,17 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     inner = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
     f = inner.add_parser("fewshot", help="few-shot adaptation: every method on the same held-out episodes")
     f.add_argument("--suite", required=True, choices=sorted(SUITES))
-    f.add_argument("--shots", type=int, nargs="+", default=[1, 3, 5])
-    f.add_argument("--seeds", type=int, default=3)
-    f.add_argument("--methods", nargs="+", default=["all"], help=f"'all' or some of: {' '.join(METHODS)}")
+    f.add_argument(
+        "--full",
+        action="store_true",
+        help="the whole grid (every method, 3 seeds, fused variants); without it each suite runs a default "
+        "plan sized for about 20 minutes on 2 cores, and says what it skipped",
+    )
+    f.add_argument("--shots", type=int, nargs="+", help="support sizes (default: the suite's plan)")
+    f.add_argument("--seeds", type=int, help="seeds (default: the suite's plan)")
+    f.add_argument(
+        "--methods", nargs="+", help=f"'all' or some of: {' '.join(METHODS)} (default: the suite's plan)"
+    )
     f.add_argument("--meta-backbone", default=str(SHIPPED / "backbone.safetensors"))
     f.add_argument("--multitask-backbone", default=str(SHIPPED / "multitask.safetensors"))
     f.add_argument("--tasks", nargs="+", help="only these tasks of the suite")
@@ -229,8 +238,8 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument(
         "--atlas",
         choices=("off", "on", "both"),
-        default="both",
-        help="score adapted methods without/with the registered support masks fused in (real suites)",
+        help="score adapted methods without/with the registered support masks fused in (real suites; "
+        "default: the suite's plan)",
     )
     f.add_argument(
         "--registration",
@@ -305,19 +314,30 @@ def _add_placement(inner: argparse._SubParsersAction) -> None:
 
 def _benchmark_fewshot(args: argparse.Namespace) -> int:
     from medmeta_plugin.benchmarks.fewshot import (
+        DEFAULT_PLANS,
+        FULL_PLAN,
         BenchmarkConfig,
         parse_methods,
         plot,
         run_benchmark,
+        skipped_by_default,
         summarise,
         write_results,
     )
 
+    start = time.perf_counter()
+    plan = FULL_PLAN if args.full else DEFAULT_PLANS[args.suite]
+    chosen = [args.methods, args.shots, args.seeds, args.atlas]
+    if not args.full and all(c is None for c in chosen):
+        print(
+            f"default plan of {args.suite} (about 20 min on 2 cores); --full adds: "
+            f"{skipped_by_default(args.suite)}"
+        )
     config = BenchmarkConfig(
         suite=args.suite,
-        shots=tuple(args.shots),
-        seeds=args.seeds,
-        methods=parse_methods(args.methods),
+        shots=tuple(args.shots or plan.shots),
+        seeds=args.seeds if args.seeds is not None else plan.seeds,
+        methods=parse_methods(args.methods) if args.methods else plan.methods,
         meta_backbone=args.meta_backbone,
         multitask_backbone=args.multitask_backbone,
         tasks=tuple(args.tasks) if args.tasks else None,
@@ -325,17 +345,19 @@ def _benchmark_fewshot(args: argparse.Namespace) -> int:
         heads=tuple(args.heads),
         prior_shift=args.prior_shift,
         head_steps=args.head_steps,
-        atlas=args.atlas,
+        atlas=args.atlas or plan.atlas,
         registration=args.registration,
         precision=args.precision,
     )
     results = run_benchmark(config)
+    results["wall_seconds"] = round(time.perf_counter() - start, 1)
     write_results(results, args.out)
     print(f"suite {results['suite']} on {results['device']}")
     print(summarise(results))
     if args.plot is not None:
         print(f"plot: {plot(results, args.plot)}")
     print(f"results: {args.out}")
+    print(f"wall time: {results['wall_seconds'] / 60:.1f} min")
     return 0
 
 

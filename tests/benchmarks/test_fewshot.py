@@ -20,7 +20,7 @@ from medmeta_plugin.benchmarks.splits import (
     HELDOUT_STRUCTURES,
     SYNTHETIC_HELDOUT_TASKS,
 )
-from medmeta_plugin.benchmarks.suites import build_suite, real_data_root
+from medmeta_plugin.benchmarks.suites import SUITES, build_suite, real_data_root
 from medmeta_plugin.io import ImageMeta, read_image, write_image
 from medmeta_plugin.networks import Backbone3D, BackboneConfig, MetaModel, load_backbone, save_backbone
 
@@ -328,3 +328,38 @@ def test_real_suites_evaluate_their_held_out_structures(suite: str, names: tuple
 
 def test_development_structures_are_not_held_out() -> None:
     assert not set(ABDOMEN_DEV + BRAIN_DEV) & HELDOUT_STRUCTURES
+
+
+def test_every_suite_has_a_default_plan_of_the_apps_methods() -> None:
+    """Without --full a suite runs its plan: real suites the app's own pipeline (``atlas``) only, unfused."""
+    assert set(fewshot.DEFAULT_PLANS) == set(SUITES)
+    for suite, plan in fewshot.DEFAULT_PLANS.items():
+        assert set(plan.methods) <= set(fewshot.METHODS) and plan.seeds >= 1 and plan.shots
+        if suite.startswith(("abdomen", "brain")):
+            assert plan.methods == ("atlas",) and plan.atlas == "off", suite
+        assert "seeds 2-3" in fewshot.skipped_by_default(suite)
+    assert fewshot.FULL_PLAN.methods == fewshot.METHODS and fewshot.FULL_PLAN.atlas == "both"
+
+
+def test_benchmark_command_prints_its_plan_and_wall_time(
+    backbones: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    from medmeta_plugin.cli.main import main
+
+    plan = fewshot.DefaultPlan(("meta+head",), shots=(1,))
+    monkeypatch.setitem(fewshot.DEFAULT_PLANS, "synthetic-heldout", plan)
+    argv = [
+        "benchmark",
+        "fewshot",
+        "--suite",
+        "synthetic-heldout",
+        "--tasks",
+        TWO_TASKS["synthetic-heldout"][0],
+    ]
+    argv += ["--meta-backbone", backbones[0], "--head-steps", "2", "--out", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "default plan of synthetic-heldout" in out and "--full adds: methods scratch" in out
+    assert "wall time:" in out
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["wall_seconds"] > 0 and {r["method"] for r in results["records"]} == {"meta+head"}
