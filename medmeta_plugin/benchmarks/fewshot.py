@@ -10,33 +10,27 @@ Methods:
     ``multitask+<mode>`` adaptation on the backbone trained jointly on the meta-training tasks;
     ``meta+<mode>``      adaptation on the meta-learned backbone (the shipped one by default).
 
-All adaptation goes through :func:`medmeta_plugin.adapt.adapt`, with the head initialised in closed form
-from the support set (except ``scratch``), on whole support volumes padded to the backbone's size divisor.
-With ``atlas="on"`` or ``"both"`` (the default: the app fuses, so the benchmark shows it with and without)
-every adapted method's query logits on a real suite are also fused with that atlas prior
-(:func:`~medmeta_plugin.adapt.atlas.fuse`), recorded as ``<method>+atlas``; registrations are computed
-once per pair of scans and their seconds counted in every record that uses them.
-Segmentation is scored by Dice on whole query volumes, classification by accuracy, regression by mean
-absolute error.
+What the app serves is measured by the app's pipeline: ``atlas`` and every ``<family>+head`` method on a
+segmentation suite are answered by :class:`~medmeta_plugin.benchmarks.served.ServedPipeline` (the app's
+engine on files written from the episode: working grid, feature cache, the server's adaptation, segmenting
+and its return to the query's grid), with that backbone and head and the atlas prior off, so the adapted
+head answers alone; phantoms are written on a grid of the app's working spacing, so their voxels reach the
+backbone as they are. With ``atlas="on"`` or ``"both"`` a head method on a real suite is also answered
+with the carried masks refined by the head (``--conf refine true``), recorded as ``<method>+atlas``.
 
-Query volumes go through the network whole, in one forward pass, not by sliding window: the backbone
-normalises by instance statistics, so a window's features would differ from the whole-volume features the
-head was fitted on; and the largest real volume (the CT, 128x104x112 once padded) takes ~4 s on one CPU
-thread (x86_64, shipped backbone), less than overlapping windows would.
-
-In ``head`` mode the backbone runs once per scan and backbone, not once per structure and episode: the
-tasks of a real suite share their image tensors, and their features are cached. Each record's
-``adapt_seconds`` still includes the feature extraction of its support cases, as measured when first
-computed, so it is what one adaptation costs.
+The other modes (``film``, ``lora``, ``full``), ``scratch`` and the volume-level tasks are components the
+app does not serve by default: they go through :func:`medmeta_plugin.adapt.adapt` on whole support volumes
+padded to the backbone's size divisor, and are scored by one whole-volume forward of each query (the
+backbone normalises by instance statistics, so a window's features would differ from the whole-volume
+features the head was fitted on). Segmentation is scored by Dice on whole query volumes, classification by
+accuracy, regression by mean absolute error.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import platform
 import resource
-import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,27 +43,16 @@ from monai.transforms import DivisiblePad
 from monai.utils import look_up_option
 from tqdm import tqdm
 
-from medmeta_plugin.adapt import HEAD_MODE_STEPS, VOXEL_SAMPLES, AdaptBudget, adapt, head_mode_budget
-from medmeta_plugin.adapt.atlas import (
-    PRIOR_CAP,
-    AtlasCase,
-    RegistrationCache,
-    atlas_prior,
-    fuse,
-    prior_logits,
-)
+from medmeta_plugin.adapt import HEAD_MODE_STEPS, AdaptBudget, adapt, head_mode_budget
 from medmeta_plugin.benchmarks.served import ServedPipeline
 from medmeta_plugin.benchmarks.suites import EvalTask, build_suite
-from medmeta_plugin.caching import BoundedCache
 from medmeta_plugin.networks import ADAPTER_MODES, Backbone3D, MetaModel, load_backbone
-from medmeta_plugin.networks.backbone import BackboneOutput
 from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
 from medmeta_plugin.networks.objectives import task_score
-from medmeta_plugin.networks.precision import PRECISIONS, autocast
+from medmeta_plugin.networks.precision import PRECISIONS
 from medmeta_plugin.registration import (
     REGISTRATION_TRANSFORMS,
     deterministic_registration,
-    register,
 )
 
 __all__ = [
@@ -161,12 +144,9 @@ class BenchmarkConfig:
         steps: step budget of every other mode and of ``scratch`` (each step runs the backbone), fixed;
             leave-one-out would multiply their cost by k + 1.
         tasks: evaluate only these tasks of the suite (default: all of them).
-        voxel_sample: how head mode samples segmentation voxels, one of
-            :data:`~medmeta_plugin.adapt.VOXEL_SAMPLES` (default: that of ``AdaptBudget``).
         heads: segmentation head kinds to compare (:data:`~medmeta_plugin.networks.SEGMENTATION_HEADS`);
             every method but ``scratch`` runs once per kind, recorded as ``<method>@<head>`` when there is
             more than one kind. Ignored by classification and regression tasks.
-        prior_shift: :attr:`~medmeta_plugin.adapt.AdaptBudget.prior_shift` of head-mode adaptation.
         atlas: one of :data:`ATLAS_CHOICES`: score adapted methods with the atlas prior fused in (real
             suites only; phantoms have no geometry to register).
         registration: the transform the atlas prior's registration fits, one of
@@ -184,15 +164,12 @@ class BenchmarkConfig:
     head_steps: int = HEAD_MODE_STEPS
     steps: int = 10
     tasks: tuple[str, ...] | None = None
-    voxel_sample: str = AdaptBudget.voxel_sample
     heads: tuple[str, ...] = (DEFAULT_SEGMENTATION_HEAD,)
-    prior_shift: bool = True
     atlas: str = "both"
     registration: str = "affine"
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        look_up_option(self.voxel_sample, VOXEL_SAMPLES)
         look_up_option(self.atlas, ATLAS_CHOICES)
         look_up_option(self.registration, REGISTRATION_TRANSFORMS)
         look_up_option(self.precision, PRECISIONS)
@@ -220,93 +197,16 @@ def _prepare_support(items: list[dict[str, Any]], divisor: int) -> list[dict[str
     return out
 
 
-#: Whole volumes whose backbone output a benchmark run keeps: every scan of a real suite (support pool and
-#: queries, shared by its structures) and a phantom family's volumes at a time.
-FEATURES_KEPT = 64
+def _has_geometry(task: EvalTask) -> bool:
+    """Whether the atlas prior applies: a segmentation task of real scans (items with an ``affine``)."""
+    return task.kind == "segmentation" and all("affine" in it for it in [*task.support_pool, *task.query])
 
 
-class _FeatureCache:
-    """Identity-adapter backbone outputs of whole (padded) volumes, per backbone and image tensor.
-
-    Keys hold the ``id`` of the suite's image tensor; an entry keeps a reference to it, so the id cannot be
-    reused while the entry lives.
-    """
-
-    def __init__(self, divisor: int, precision: str = "fp32") -> None:
-        self.divisor, self.precision = divisor, precision
-        self.entries: BoundedCache[tuple[torch.Tensor, BackboneOutput, float]] = BoundedCache(FEATURES_KEPT)
-
-    def get(self, family: str, backbone: Backbone3D, image: torch.Tensor) -> tuple[BackboneOutput, float]:
-        """Backbone output (features (1, C, X, Y, Z), embedding (1, E)) of ``image`` (1, X, Y, Z), and the
-        seconds it took to compute."""
-
-        @torch.no_grad()
-        def compute() -> tuple[torch.Tensor, BackboneOutput, float]:
-            start = time.perf_counter()
-            device = next(backbone.parameters()).device
-            with autocast(self.precision, device):
-                out = backbone(_pad(image, self.divisor)[None].to(device))
-            return image, out.float().channel_last(), time.perf_counter() - start  # as the app's cache
-
-        _, out, seconds = self.entries.get((family, id(image)), compute)
-        return out, seconds
-
-    def support(
-        self, family: str, backbone: Backbone3D, items: list[dict[str, Any]]
-    ) -> tuple[BackboneOutput, float]:
-        """Stacked backbone output of support ``items`` and the total seconds of its extraction."""
-        outs = [self.get(family, backbone, it["image"]) for it in items]
-        return BackboneOutput.cat([o for o, _ in outs]), sum(s for _, s in outs)
-
-
-class _AtlasPriors:
-    """Atlas priors of support draws on the query scans: one registration per pair of scans for the run, one
-    prior per support draw, shared by the ``atlas`` method and every fused method of the draw (the jobs
-    of a draw are consecutive, so only the last draw is kept)."""
-
-    def __init__(self, transform: str) -> None:
-        self.registrations = RegistrationCache(functools.partial(register, transform=transform))
-        self.unsure = 0  # queries where no support case was placed sure
-        self.last: tuple[tuple, tuple[list[tuple[torch.Tensor, torch.Tensor]], float]] | None = None
-
-    @staticmethod
-    def has_geometry(task: EvalTask) -> bool:
-        return task.kind == "segmentation" and all("affine" in it for it in [*task.support_pool, *task.query])
-
-    def priors(
-        self, task: EvalTask, drawn: list[dict[str, Any]]
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor] | None], float]:
-        """The prior and its distance log-odds ((X, Y, Z) each) of ``drawn`` on each query (None where no
-        support case was placed sure), and the seconds one computation of them takes (its registrations as
-        measured when first computed, plus the rest).
-        """
-        draw = (task.name, tuple(id(it["image"]) for it in drawn))
-        if self.last is not None and self.last[0] == draw:
-            return self.last[1]
-        cases = [
-            AtlasCase(id(it["image"]), it["image"][0].numpy(), it["affine"], it["label"][0].numpy())
-            for it in drawn
-        ]
-        priors, seconds = [], 0.0
-        for q in task.query:
-            fresh = [c.key for c in cases if self.registrations.peek(id(q["image"]), c.key) is None]
-            start = time.perf_counter()
-            # As the app serves it: only the cases placed sure are carried; with none, no prior (the app
-            # then answers with the adapted head alone, and the carried-masks method with nothing).
-            prior = atlas_prior(
-                id(q["image"]), q["image"][0].numpy(), q["affine"], cases, self.registrations
-            ).prior
-            if prior is None:
-                self.unsure += 1
-            distance = None if prior is None else prior_logits(prior, q["affine"])
-            elapsed = time.perf_counter() - start
-            # A failed registration is not kept and costs nothing here.
-            pairs = [self.registrations.peek(id(q["image"]), c.key) for c in cases]
-            fresh_seconds = sum(r.seconds for k, r in zip([c.key for c in cases], pairs) if r and k in fresh)
-            seconds += elapsed - fresh_seconds + sum(r.seconds for r in pairs if r is not None)
-            priors.append(None if prior is None else (torch.from_numpy(prior), torch.from_numpy(distance)))
-        self.last = (draw, (priors, seconds))
-        return priors, seconds
+def _served(method: str, task: EvalTask) -> bool:
+    """Whether ``method`` on ``task`` is answered by the app's pipeline: the app's default answer and
+    head-mode segmentation (the mode the app serves); other modes, ``scratch`` and volume-level tasks are
+    scored as components, with :func:`medmeta_plugin.adapt.adapt` and a whole-volume forward."""
+    return task.kind == "segmentation" and (method == "atlas" or method.endswith("+head"))
 
 
 def _mask_logits(mask: np.ndarray) -> torch.Tensor:
@@ -315,20 +215,10 @@ def _mask_logits(mask: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _score(
-    model: MetaModel,
-    task: EvalTask,
-    name: str,
-    divisor: int,
-    cached: tuple[_FeatureCache, str] | None = None,
-    priors: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
-    precision: str = "fp32",
-) -> float:
-    """Mean score over the query cases (Dice, accuracy, or mean absolute error for regression).
+def _score(model: MetaModel, task: EvalTask, name: str, divisor: int, precision: str = "fp32") -> float:
+    """Mean score over the query cases (Dice, accuracy, or mean absolute error for regression) of a
+    component method: the adapted model's forward on each whole (padded) query volume.
 
-    With ``cached`` = (cache, backbone family) a head-mode adapter is applied to the cached query features
-    instead of running the backbone again (the same numbers: the head-mode adapter is the identity). With
-    ``priors`` (an atlas prior and its distance log-odds per query) the logits are fused with them first.
     ``precision`` is that of the backbone passes.
     """
     device = next(model.parameters()).device
@@ -342,16 +232,7 @@ def _score(
     scores = []
     for q in task.query:
         label = _pad(q["label"], divisor)[None].to(device)
-        if cached is not None:
-            cache, family = cached
-            logits = model.task(name).head(cache.get(family, model.backbone, q["image"])[0])
-        else:
-            logits = model(_pad(q["image"], divisor)[None].to(device), name, precision)
-        if priors is not None and priors[len(scores)] is not None:  # no prior: the head alone, as served
-            prior, distance = priors[len(scores)]
-            prior = _pad(prior[None], divisor)[0].to(device)
-            distance = _pad(distance[None], divisor, value=-PRIOR_CAP)[0].to(device)
-            logits = fuse(logits[0, 0], prior, distance)[None, None]
+        logits = model(_pad(q["image"], divisor)[None].to(device), name, precision)
         scores.append(task_score("segmentation", logits, label))
     return float(np.mean(scores))
 
@@ -406,7 +287,6 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
     scratch_config = reference.config if reference is not None else Backbone3D().config
     divisor = (reference or Backbone3D(scratch_config)).size_divisor
     records = []
-    atlas = _AtlasPriors(config.registration)
     heads = {m: ("linear",) if m in ("scratch", "atlas") else config.heads for m in config.methods}
     jobs = [
         (t, k, s, m, h)
@@ -414,44 +294,46 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
         for k in config.shots
         for s in range(config.seeds)
         for m in config.methods
-        if m != "atlas" or atlas.has_geometry(t)
+        if m != "atlas" or _has_geometry(t)
         for h in (heads[m] if t.kind == "segmentation" else ("linear",))
     ]
     fused = {"off": (False,), "on": (True,), "both": (False, True)}[config.atlas]
-    cache = _FeatureCache(divisor, config.precision)
-    # The app's engine (it loads the shipped backbone) for the atlas method's answers.
-    served = ServedPipeline() if "atlas" in config.methods else None
-    unsure = 0  # atlas answers given by the network alone: no labelled scan placed sure
+    pipelines = _Pipelines(config)
+    unsure = 0  # served answers given by the network alone where a prior was asked for: none placed sure
+    metric_of = {"segmentation": "dice", "classification": "accuracy", "regression": "mae_ml"}
 
     for task, shots, seed, method, head in tqdm(jobs, desc=f"benchmark {config.suite}"):
         drawn = task.draw_support(shots, seed)
         label = f"{method}@{head}" if len(heads[method]) > 1 else method
-        record = {"task": task.name, "kind": task.kind, "shots": shots, "seed": seed}
-        if method == "atlas" and served is not None:  # the app's default answer, by the app's pipeline
-            answers = served.answer(task.name, drawn, task.query)
-            unsure += sum(a.provenance.found_by == "network" for a in answers)
-            value = float(
-                np.mean(
-                    [
-                        task_score("segmentation", _mask_logits(a.mask), q["label"][None])
-                        for a, q in zip(answers, task.query)
-                    ]
+        record = {"task": task.name, "kind": task.kind, "shots": shots, "seed": seed, "metric": "dice"}
+        if _served(method, task):  # the app's own pipeline answers
+            family = "meta" if method == "atlas" else method.partition("+")[0]
+            variants = ((True, False),) if method == "atlas" else ((False, False),)
+            if method != "atlas" and _has_geometry(task):
+                variants = tuple((f, f) for f in fused)  # fused: carried masks refined by the head
+            served_head = DEFAULT_SEGMENTATION_HEAD if method == "atlas" else head  # atlas: the app's default
+            for prior, refine in variants:
+                pipeline = pipelines.get(family, served_head, prior, refine)
+                answers = pipeline.answer(task.name, drawn, task.query)
+                if prior:
+                    unsure += sum(a.provenance.found_by == "network" for a in answers)
+                scores = [
+                    task_score("segmentation", _mask_logits(a.mask), q["label"][None])
+                    for a, q in zip(answers, task.query)
+                ]
+                suffix = "+atlas" if refine else ""
+                records.append(
+                    {
+                        "method": label + suffix,
+                        **record,
+                        "value": float(np.mean(scores)),
+                        "adapt_seconds": float(np.mean([a.seconds for a in answers])),
+                        "peak_mem_mb": _peak_mem_mb(device),
+                    }
                 )
-            )
-            records.append(
-                {
-                    "method": label,
-                    **record,
-                    "metric": "dice",
-                    "value": value,
-                    "adapt_seconds": float(np.mean([a.seconds for a in answers])),
-                    "peak_mem_mb": _peak_mem_mb(device),
-                }
-            )
             continue
         support = _prepare_support(drawn, divisor)
         family, _, mode = method.partition("+")
-        features, extract_seconds, cached = None, 0.0, None
         if method == "scratch":
             torch.manual_seed(seed)
             model = MetaModel(Backbone3D(scratch_config).to(device))
@@ -461,17 +343,10 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
             mode = "full"
         else:
             model = MetaModel(backbones[family])
-            options = {
-                "voxel_sample": config.voxel_sample,
-                "prior_shift": config.prior_shift,
-                "precision": config.precision,
-            }
-            if mode == "head":
-                budget = head_mode_budget(config.head_steps, **options)
-                features, extract_seconds = cache.support(family, backbones[family], drawn)
-                cached = (cache, family)
+            if mode == "head":  # volume-level tasks: the app's head-mode budget
+                budget = head_mode_budget(config.head_steps, precision=config.precision)
             else:
-                budget = AdaptBudget(steps=config.steps, early_stopping=False, **options)
+                budget = AdaptBudget(steps=config.steps, early_stopping=False, precision=config.precision)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         num_outputs = task.num_outputs if task.kind == "classification" else None
@@ -484,24 +359,19 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
             name="bench",
             num_outputs=num_outputs,
             seed=seed,
-            features=features,
             head=head,
         )
         model.attach(adapter)
-        metric = {"segmentation": "dice", "classification": "accuracy", "regression": "mae_ml"}[task.kind]
-        variants = fused if method != "scratch" and atlas.has_geometry(task) else (False,)
-        for with_atlas in variants:
-            priors, prior_seconds = atlas.priors(task, drawn) if with_atlas else (None, 0.0)
-            records.append(
-                {
-                    "method": label + ("+atlas" if with_atlas else ""),
-                    **record,
-                    "metric": metric,
-                    "value": _score(model, task, "bench", divisor, cached, priors, config.precision),
-                    "adapt_seconds": report.seconds + extract_seconds + prior_seconds,
-                    "peak_mem_mb": _peak_mem_mb(device),
-                }
-            )
+        records.append(
+            {
+                "method": label,
+                **record,
+                "metric": metric_of[task.kind],
+                "value": _score(model, task, "bench", divisor, config.precision),
+                "adapt_seconds": report.seconds,
+                "peak_mem_mb": _peak_mem_mb(device),
+            }
+        )
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -512,8 +382,34 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
         "device": name,
         "config": config_dict,
         "records": records,
-        "unsure_placements": unsure + atlas.unsure,
+        "unsure_placements": unsure,
     }
+
+
+class _Pipelines:
+    """The app's pipeline, one :class:`~medmeta_plugin.benchmarks.served.ServedPipeline` per setting a run
+    needs (backbone family, head, atlas prior, refine), each with the run's registration and precision."""
+
+    def __init__(self, config: BenchmarkConfig) -> None:
+        self.config = config
+        self.backbones = {"meta": config.meta_backbone, "multitask": config.multitask_backbone}
+        self.made: dict[tuple[str, str, bool, bool], ServedPipeline] = {}
+
+    def get(self, family: str, head: str, prior: bool, refine: bool) -> ServedPipeline:
+        key = (family, head, prior, refine)
+        if key not in self.made:
+            c = self.config
+            conf = {
+                "backbone": self.backbones[family],
+                "head": head,
+                "atlas": str(prior).lower(),
+                "refine": str(refine).lower(),
+                "registration": c.registration,
+                "precision": c.precision,
+                "adapt_steps": str(c.head_steps),
+            }
+            self.made[key] = ServedPipeline(conf=conf)
+        return self.made[key]
 
 
 def summarise(results: dict[str, Any]) -> str:

@@ -64,20 +64,21 @@ class ServedPipeline:
         self._labels: dict[tuple[int, str], str] = {}
 
     def scan(self, item: Item) -> str:
-        """The NIfTI file of an episode item's scan (written on first use).
-
-        Raises:
-            ValueError: if the item has no ``affine`` (phantoms have no geometry to serve).
-        """
+        """The NIfTI file of an episode item's scan (written on first use), at its ``affine``; an item
+        without one (a phantom) is written on a RAS grid of the app's working spacing, so its voxels reach
+        the backbone as they are."""
         key = id(item["image"])
         if key not in self._files:
-            if "affine" not in item:
-                raise ValueError("the served pipeline needs items with an 'affine' (real scans).")
             image = np.asarray(item["image"], dtype=np.float32)[0]
-            meta = ImageMeta.from_affine(np.asarray(item["affine"]), image.shape)
+            meta = ImageMeta.from_affine(self._affine(item), image.shape)
             path = write_image(self.work / "scans" / f"scan{len(self._files):04d}.nii.gz", image, meta)
             self._files[key] = (item, str(path))
         return self._files[key][1]
+
+    def _affine(self, item: Item) -> np.ndarray:
+        if "affine" in item:
+            return np.asarray(item["affine"], dtype=np.float64)
+        return np.diag([*self.engine.config.spacing, 1.0])
 
     def label(self, item: Item, structure: str) -> str:
         """The label file of ``structure`` on an item's scan (value 1), written on first use."""
@@ -85,7 +86,7 @@ class ServedPipeline:
         if key not in self._labels:
             scan = self.scan(item)
             mask = (np.asarray(item["label"])[0] > 0.5).astype(np.uint8)
-            meta = ImageMeta.from_affine(np.asarray(item["affine"]), mask.shape)
+            meta = ImageMeta.from_affine(self._affine(item), mask.shape)
             name = Path(scan).name.replace(".nii.gz", f"-{_safe(structure)}.nii.gz")
             self._labels[key] = str(write_image(self.work / "scans" / name, mask, meta))
         return self._labels[key]
@@ -95,7 +96,8 @@ class ServedPipeline:
 
         Args:
             structure: the structure's name (made safe for the adapter store).
-            support: labelled items (``"image"`` (1, X, Y, Z), ``"label"`` (1, X, Y, Z), ``"affine"``).
+            support: labelled items (``"image"`` (1, X, Y, Z), ``"label"`` (1, X, Y, Z), ``"affine"`` if
+                they have one).
             queries: the items to segment.
 
         Returns:

@@ -186,7 +186,7 @@ def _meta_train(args: argparse.Namespace) -> int:
 
 
 def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
-    from medmeta_plugin.adapt import HEAD_MODE_STEPS, VOXEL_SAMPLES, AdaptBudget
+    from medmeta_plugin.adapt import HEAD_MODE_STEPS
     from medmeta_plugin.benchmarks.fewshot import METHODS, SHIPPED
     from medmeta_plugin.benchmarks.suites import SUITES
     from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
@@ -211,12 +211,6 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--multitask-backbone", default=str(SHIPPED / "multitask.safetensors"))
     f.add_argument("--tasks", nargs="+", help="only these tasks of the suite")
     f.add_argument(
-        "--voxel-sample",
-        choices=VOXEL_SAMPLES,
-        default=AdaptBudget.voxel_sample,
-        help="head-mode voxel sample",
-    )
-    f.add_argument(
         "--heads",
         nargs="+",
         choices=SEGMENTATION_HEADS,
@@ -228,12 +222,6 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=HEAD_MODE_STEPS,
         help="step budget of head mode (leave-one-out picks fewer)",
-    )
-    f.add_argument(
-        "--no-prior-shift",
-        dest="prior_shift",
-        action="store_false",
-        help="keep the balanced voxel sample's prior in head-mode heads (see AdaptBudget.prior_shift)",
     )
     f.add_argument(
         "--atlas",
@@ -341,9 +329,7 @@ def _benchmark_fewshot(args: argparse.Namespace) -> int:
         meta_backbone=args.meta_backbone,
         multitask_backbone=args.multitask_backbone,
         tasks=tuple(args.tasks) if args.tasks else None,
-        voxel_sample=args.voxel_sample,
         heads=tuple(args.heads),
-        prior_shift=args.prior_shift,
         head_steps=args.head_steps,
         atlas=args.atlas or plan.atlas,
         registration=args.registration,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medmeta_plugin.adapt import AdaptBudget, adapt
+from medmeta_plugin.adapt import adapt
 from medmeta_plugin.benchmarks import fewshot
 from medmeta_plugin.benchmarks.fewshot import BenchmarkConfig, parse_methods, plot, run_benchmark, summarise
 from medmeta_plugin.benchmarks.splits import (
@@ -22,7 +22,7 @@ from medmeta_plugin.benchmarks.splits import (
 )
 from medmeta_plugin.benchmarks.suites import SUITES, build_suite, real_data_root
 from medmeta_plugin.io import ImageMeta, read_image, write_image
-from medmeta_plugin.networks import Backbone3D, BackboneConfig, MetaModel, load_backbone, save_backbone
+from medmeta_plugin.networks import Backbone3D, BackboneConfig, load_backbone, save_backbone
 
 TWO_TASKS = {
     "synthetic-heldout": SYNTHETIC_HELDOUT_TASKS[:2],
@@ -113,13 +113,11 @@ def test_tumour_suite_transfers_between_the_two_patients(
 def test_abdomen_benchmark_adapts_and_scores_on_whole_volumes(
     real_root: Path, backbones: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Component methods adapt on whole padded volumes; head mode is served by the app's pipeline."""
     seen: list[tuple[str, tuple[int, ...]]] = []
-    samples: set[str] = set()
 
     def recording_adapt(model, support, kind, mode, budget, **kwargs):
         seen.extend((mode, tuple(s["image"].shape)) for s in support)
-        if mode == "head":
-            samples.add(budget.voxel_sample)
         return adapt(model, support, kind, mode, budget, **kwargs)
 
     monkeypatch.setattr(fewshot, "adapt", recording_adapt)
@@ -127,20 +125,20 @@ def test_abdomen_benchmark_adapts_and_scores_on_whole_volumes(
         suite="abdomen-ct-to-mr",
         shots=(1, 3),
         seeds=1,
-        methods=("scratch", "meta+head"),
+        methods=("scratch", "meta+film", "meta+head"),
         meta_backbone=backbones[0],
         multitask_backbone=backbones[1],
         head_steps=2,
         steps=1,
-        voxel_sample="stratified",
         atlas="off",
     )
     records = run_benchmark(config, device="cpu")["records"]
     divisor = load_backbone(backbones[0]).size_divisor
     padded = tuple(-(-n // divisor) * divisor for n in CT_SHAPE)
     assert {shape for _, shape in seen} == {(1, *padded)}, "support cases are whole padded volumes"
-    assert {mode for mode, _ in seen} == {"full", "head"} and samples == {"stratified"}
-    assert len(records) == 2 * 2 * 2 and all(0.0 <= r["value"] <= 1.0 for r in records)
+    assert {mode for mode, _ in seen} == {"full", "film"}, "head mode is served, not adapted here"
+    assert len(records) == 2 * 2 * 3 and all(0.0 <= r["value"] <= 1.0 for r in records)
+    assert {r["method"] for r in records} == {"scratch", "meta+film", "meta+head"}
     assert all(r["adapt_seconds"] > 0 for r in records)
 
 
@@ -181,27 +179,6 @@ def test_atlas_method_and_fusion_on_a_real_suite(real_root: Path, backbones: tup
         atlas="both",
     )
     assert run_benchmark(synthetic, device="cpu")["records"] == []
-
-
-def test_cached_query_features_score_like_a_whole_volume_forward(
-    real_root: Path, backbones: tuple[str, str]
-) -> None:
-    task = build_suite("abdomen-ct-to-mr")[0]
-    backbone = load_backbone(backbones[0]).eval()
-    model, divisor = MetaModel(backbone), backbone.size_divisor
-    support = fewshot._prepare_support(task.draw_support(3, seed=0), divisor)
-    adapter, _ = adapt(model, support, "segmentation", "head", AdaptBudget(steps=3), name="b")
-    model.attach(adapter)
-    cache = fewshot._FeatureCache(divisor)
-    direct = fewshot._score(model, task, "b", divisor)
-    assert fewshot._score(model, task, "b", divisor, (cache, "meta")) == pytest.approx(direct, abs=1e-6)
-    features, seconds = cache.support("meta", backbone, task.draw_support(3, seed=0))
-    assert features.features.shape[0] == 3 and seconds > 0
-    again, _ = adapt(
-        model, support, "segmentation", "head", AdaptBudget(steps=3), name="b", features=features
-    )
-    for (name, p), q in zip(adapter.named_parameters(), again.parameters()):
-        torch.testing.assert_close(p, q, msg=f"{name} differs with cached features")
 
 
 @pytest.mark.parametrize(
@@ -285,7 +262,6 @@ def test_support_draws_are_seeded_and_distinct() -> None:
     [
         (lambda: build_suite("synthetic-heldot"), "synthetic-heldout"),
         (lambda: parse_methods(["meta+lorra"]), "meta\\+lora"),
-        (lambda: BenchmarkConfig(suite="synthetic-heldout", voxel_sample="balance"), "balanced"),
         (lambda: BenchmarkConfig(suite="synthetic-heldout", atlas="yes"), "both"),
         (lambda: BenchmarkConfig(suite="synthetic-heldout", precision="fp16"), "bf16"),
         (
