@@ -1,7 +1,7 @@
 """The app benchmark: a real MONAI Label server, a 1-shot label on one patient, the structure on another.
 
 Two pairs of sample scans (:data:`PAIRS`): ``abdomen-ct-to-mr`` (the held-out abdominal structures,
-:data:`~medmeta_plugin.benchmarks.splits.ABDOMEN_HELDOUT`, labelled on the 3 mm CT of one patient and
+:data:`~medmeta_plugin.episodes.splits.ABDOMEN_HELDOUT`, labelled on the 3 mm CT of one patient and
 segmented on the MR of another) and ``brain-tumour`` (the tumour labelled on the brain MRI of one patient,
 segmented on the brain MRI of the other: same modality, a different patient). No structure evaluated here is
 in meta-training. For each structure it measures, against a real server process on 127.0.0.1 driven by
@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from medmeta_plugin.benchmarks.scoring import mask_dice
-from medmeta_plugin.benchmarks.splits import ABDOMEN_HELDOUT, TUMOUR_HELDOUT
+from medmeta_plugin.episodes.splits import ABDOMEN_HELDOUT, TUMOUR_HELDOUT
 
 __all__ = ["PAIRS", "ScanPair", "run_app_benchmark", "scratch_baseline", "summarise_app"]
 
@@ -141,8 +141,8 @@ def run_app_benchmark(
     # The client logs every request at INFO; the benchmark polls, so that would be thousands of lines.
     logging.getLogger("monailabel.client.client").setLevel(logging.WARNING)
 
-    from medmeta_plugin.benchmarks.splits import is_held_out
-    from medmeta_plugin.cli.serve import copy_app, running_server
+    from medmeta_plugin.app.process import copy_app, running_server
+    from medmeta_plugin.episodes.splits import is_held_out
     from medmeta_plugin.io import read_image, write_image
 
     support_label, support_meta, support_names = _structure_masks(scans.support)

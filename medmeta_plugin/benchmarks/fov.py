@@ -45,8 +45,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from medmeta_plugin.benchmarks.splits import ABDOMEN_DEV, ABDOMEN_HELDOUT, BRAIN_DEV, BRAIN_HELDOUT
 from medmeta_plugin.benchmarks.suites import real_data_root
+from medmeta_plugin.episodes.splits import ABDOMEN_DEV, ABDOMEN_HELDOUT, BRAIN_DEV, BRAIN_HELDOUT
 from medmeta_plugin.io import ImageMeta, read_image, read_label, resample
 from medmeta_plugin.registration.placement import rotation_matrix
 from medmeta_plugin.transforms import normalize_intensity
@@ -99,7 +99,7 @@ BRAIN_CORRESPONDENCES: dict[str, tuple[str, ...]] = {
     },
 }
 
-# What a pair scores: the held-out and development structures (benchmarks/splits.py) the two scans share.
+# What a pair scores: the held-out and development structures (episodes/splits.py) the two scans share.
 _ABDOMEN_SCORED = ABDOMEN_HELDOUT + ABDOMEN_DEV
 _BRAIN_SCORED = tuple(n for n in BRAIN_HELDOUT + BRAIN_DEV if n in BRAIN_CORRESPONDENCES)
 # Voxels a structure needs on the working grid of both scans to be scored (27 mL / 0.7 mL at 3 mm).

@@ -32,7 +32,7 @@ def run_load_benchmark(submitters: int = 6, readers: int = 4, seconds: float = 3
     """Run the load benchmark (see the module docstring)."""
     from monailabel.client import MONAILabelClient
 
-    from medmeta_plugin.cli.serve import copy_app, running_server
+    from medmeta_plugin.app.process import copy_app, running_server
     from medmeta_plugin.io import write_image
 
     logging.getLogger("monailabel.client.client").setLevel(logging.WARNING)

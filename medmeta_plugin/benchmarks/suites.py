@@ -14,7 +14,7 @@ shots from it by seed) and fixed query cases scored after adaptation. All images
 - ``brain-heldout``: support and query from differently deformed, intensity-augmented copies of the brain
   template, for the held-out brain structures.
 - ``abdomen-ct-to-mr-dev``, ``brain-dev``: the same two problems for the development structures
-  ``ABDOMEN_DEV`` and ``BRAIN_DEV`` of :mod:`medmeta_plugin.benchmarks.splits`, which meta-training sees:
+  ``ABDOMEN_DEV`` and ``BRAIN_DEV`` of :mod:`medmeta_plugin.episodes.splits`, which meta-training sees:
   for settling design choices on real scans without tuning the held-out figures.
 - ``brain-tumour``: the tumour labelled on the brain MRI of one patient (1 shot: that scan; more shots add
   deformed copies of it), segmented on the MRI of the other patient, in both directions: the only real
@@ -36,7 +36,7 @@ register support scans onto the query (:mod:`medmeta_plugin.adapt.atlas`); phant
 structures are placed at random, so position carries nothing from one phantom to the next).
 
 Real suites read ``../shared/data/real`` (or ``$MEDMETA_REAL_DATA``); the structures they evaluate are the
-ones in :mod:`medmeta_plugin.benchmarks.splits`, which meta-training never sees.
+ones in :mod:`medmeta_plugin.episodes.splits`, which meta-training never sees.
 """
 
 from __future__ import annotations
@@ -50,15 +50,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from medmeta_plugin.benchmarks.splits import (
+from medmeta_plugin.episodes import HELDOUT_FAMILIES, Case, load_case, make_case
+from medmeta_plugin.episodes.copies import deformed_copies
+from medmeta_plugin.episodes.splits import (
     ABDOMEN_DEV,
     ABDOMEN_HELDOUT,
     BRAIN_DEV,
     BRAIN_HELDOUT,
     TUMOUR_HELDOUT,
 )
-from medmeta_plugin.episodes import HELDOUT_FAMILIES, Case, load_case, make_case
-from medmeta_plugin.episodes.copies import deformed_copies
 from medmeta_plugin.episodes.synthetic import case_plans
 from medmeta_plugin.episodes.tasks import TaskRegistry
 from medmeta_plugin.io import read_image

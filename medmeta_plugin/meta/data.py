@@ -7,7 +7,6 @@ import fnmatch
 import logging
 from pathlib import Path
 
-from medmeta_plugin.benchmarks.splits import is_held_out
 from medmeta_plugin.episodes import (
     META_TRAIN_FAMILIES,
     Case,
@@ -17,6 +16,7 @@ from medmeta_plugin.episodes import (
     synthetic_registry,
 )
 from medmeta_plugin.episodes.copies import deformed_copies
+from medmeta_plugin.episodes.splits import is_held_out
 from medmeta_plugin.meta.config import MetaTrainConfig
 from medmeta_plugin.transforms import PreprocessConfig
 
@@ -64,7 +64,7 @@ def _chosen_cases(cases: dict[str, Case], wanted: tuple[str, ...]) -> set[str]:
 def meta_training_registry(config: MetaTrainConfig) -> tuple[TaskRegistry, TaskRegistry]:
     """Build the synthetic and the real meta-training registries.
 
-    Held-out tasks (:mod:`medmeta_plugin.benchmarks.splits`) are removed unconditionally, before any other
+    Held-out tasks (:mod:`medmeta_plugin.episodes.splits`) are removed unconditionally, before any other
     filter, so no configuration can leak an evaluated structure into meta-training. Then only the cases that
     ``data.real_cases`` lists are kept (all when it is empty).
 

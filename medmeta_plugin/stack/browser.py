@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from medmeta_plugin.cli.serve import stop_process
+from medmeta_plugin.app.process import stop_process
 
 __all__ = ["CHROMIUM_FLAGS", "HeadlessChromium", "find_chromium"]
 

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from medmeta_plugin.cli.serve import free_port, stop_process
+from medmeta_plugin.app.process import free_port, stop_process
 
 __all__ = ["DICOMWEB_PLUGIN", "ORTHANC", "OrthancServer", "free_port"]
 

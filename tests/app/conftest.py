@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from medmeta_plugin.cli.serve import copy_app
+from medmeta_plugin.app.process import copy_app
 from medmeta_plugin.io import ImageMeta, write_image
 from medmeta_plugin.networks import Backbone3D, save_backbone
 from tests.conftest import TINY

@@ -13,7 +13,7 @@ from monailabel.client import MONAILabelClient
 
 from medmeta_plugin.app.config import parse_conf
 from medmeta_plugin.app.engine import Engine
-from medmeta_plugin.cli.serve import copy_app, running_server
+from medmeta_plugin.app.process import copy_app, running_server
 
 LABEL_INFO = [{"name": "ball", "idx": 1}, {"name": "box", "idx": 2}]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from monailabel.client import MONAILabelClient
 
-from medmeta_plugin.cli.serve import copy_app, running_server
+from medmeta_plugin.app.process import copy_app, running_server
 from medmeta_plugin.io import read_image
 from medmeta_plugin.registration import PlacementConfig
 

@@ -18,7 +18,7 @@ def test_structures_must_be_held_out_and_in_both_scans(structure: str, needle: s
 
 def test_pairs_are_two_patients_with_held_out_structures_in_both() -> None:
     from medmeta_plugin.benchmarks.app_latency import PAIRS, _structure_masks
-    from medmeta_plugin.benchmarks.splits import is_held_out
+    from medmeta_plugin.episodes.splits import is_held_out
 
     for pair in PAIRS.values():
         assert pair.support != pair.query

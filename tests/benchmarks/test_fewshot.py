@@ -12,7 +12,8 @@ import torch
 from medmeta_plugin.adapt import adapt
 from medmeta_plugin.benchmarks import fewshot
 from medmeta_plugin.benchmarks.fewshot import BenchmarkConfig, parse_methods, plot, run_benchmark, summarise
-from medmeta_plugin.benchmarks.splits import (
+from medmeta_plugin.benchmarks.suites import SUITES, build_suite, real_data_root
+from medmeta_plugin.episodes.splits import (
     ABDOMEN_DEV,
     ABDOMEN_HELDOUT,
     BRAIN_DEV,
@@ -20,7 +21,6 @@ from medmeta_plugin.benchmarks.splits import (
     HELDOUT_STRUCTURES,
     SYNTHETIC_HELDOUT_TASKS,
 )
-from medmeta_plugin.benchmarks.suites import SUITES, build_suite, real_data_root
 from medmeta_plugin.io import ImageMeta, read_image, write_image
 from medmeta_plugin.networks import Backbone3D, BackboneConfig, load_backbone, save_backbone
 

@@ -44,7 +44,7 @@ def _item(case: str, structure: str | None = None, value: int | None = None) -> 
 def test_the_benchmark_serves_what_the_server_serves(tmp_path: Path) -> None:
     from monailabel.client import MONAILabelClient
 
-    from medmeta_plugin.cli.serve import copy_app, running_server
+    from medmeta_plugin.app.process import copy_app, running_server
 
     served = ServedPipeline(tmp_path / "served")
     studies, expected = tmp_path / "studies", {}

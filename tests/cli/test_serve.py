@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from medmeta_plugin.cli.serve import DEFAULT_APP, REPO, free_port, server_answers
+from medmeta_plugin.app.process import DEFAULT_APP, REPO, free_port, server_answers
 
 STARTUP_TIMEOUT = (
     240.0  # seconds: Orthanc, the studies, the server (~10 s) and five adaptations, 2 busy cores

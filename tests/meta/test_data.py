@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medmeta_plugin.benchmarks.splits import is_held_out
+from medmeta_plugin.episodes.splits import is_held_out
 from medmeta_plugin.meta.config import load_config
 from medmeta_plugin.meta.data import build_sampler, meta_training_registry
 from tests.episodes.conftest import blob_volumes, write_case, write_nifti

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from medmeta_plugin.benchmarks.splits import HELDOUT_STRUCTURES, is_held_out
+from medmeta_plugin.episodes.splits import HELDOUT_STRUCTURES, is_held_out
 from medmeta_plugin.io import ImageMeta, write_image
 from medmeta_plugin.meta.config import load_config
 from medmeta_plugin.meta.data import meta_training_registry

@@ -48,7 +48,7 @@ class Stack(NamedTuple):
 @pytest.fixture
 def stack(tmp_path: Path, stack_logs: Any) -> Iterator[Stack]:
     """Orthanc with the sample studies, the app on its DICOMweb, and headless Chromium, on loopback ports."""
-    from medmeta_plugin.cli.serve import copy_app, running_server
+    from medmeta_plugin.app.process import copy_app, running_server
     from medmeta_plugin.stack.browser import HeadlessChromium
 
     with OrthancServer(tmp_path / "orthanc") as orthanc:

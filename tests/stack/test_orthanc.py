@@ -47,8 +47,8 @@ def test_label_saved_over_dicomweb_becomes_a_seg_and_adapts(tmp_path: Path) -> N
     from dicomweb_client.api import DICOMwebClient
     from monailabel.client import MONAILabelClient
 
+    from medmeta_plugin.app.process import copy_app, running_server
     from medmeta_plugin.benchmarks.app_latency import _structure_masks
-    from medmeta_plugin.cli.serve import copy_app, running_server
     from medmeta_plugin.io import read_image, write_image
 
     with OrthancServer(tmp_path / "orthanc") as orthanc:

@@ -7,7 +7,7 @@ mirror-image recall, not transfer to an unseen structure.
 
 from __future__ import annotations
 
-from medmeta_plugin.episodes import HELDOUT_FAMILIES
+from medmeta_plugin.episodes.families import HELDOUT_FAMILIES
 
 __all__ = [
     "ABDOMEN_DEV",
