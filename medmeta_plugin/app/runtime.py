@@ -51,9 +51,13 @@ class MedMetaRuntime:
     def start(self) -> list[str]:
         """Start the worker and schedule every labelled task whose served adapter was not fitted on exactly
         its current labels (none yet on this backbone, or labels added or replaced since)."""
+        if self.config.atlas:
+            # ITK's first registration loads its modules (~12 s on 2 CPU cores). Done here, before the server
+            # answers, not in a thread beside the first label: that one held the GIL while the user's label
+            # waited (21-23 s from a label to its first answer after a start, against 2-3 s later on).
+            logger.info("medmeta: loading the registration modules before serving (about 12 s on a CPU)")
+            self._warm_up()
         self.worker.start()
-        if self.config.atlas:  # ITK's first registration loads its modules (~12 s): not on a user's request
-            threading.Thread(target=self._warm_up, name="medmeta-itk-warm-up", daemon=True).start()
         stale = []
         for task, entry in collect_examples(self.datastore, self.config.label_map).items():
             meta = self.engine.served_meta(task)
