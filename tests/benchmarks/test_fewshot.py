@@ -339,3 +339,8 @@ def test_benchmark_command_prints_its_plan_and_wall_time(
     assert "wall time:" in out
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["wall_seconds"] > 0 and {r["method"] for r in results["records"]} == {"meta+head"}
+
+
+def test_a_phantom_suites_skipped_work_names_no_atlas() -> None:
+    assert "atlas" not in fewshot.skipped_by_default("synthetic-heldout")
+    assert "+atlas" in fewshot.skipped_by_default("brain-heldout")

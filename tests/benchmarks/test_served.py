@@ -84,10 +84,13 @@ def test_the_benchmark_serves_what_the_server_serves(tmp_path: Path) -> None:
             assert params["provenance"][structure]["found_by"] == answer.provenance.found_by
 
 
-def test_a_phantom_without_geometry_cannot_be_served(tmp_path: Path) -> None:
-    served = ServedPipeline(tmp_path)
-    with pytest.raises(ValueError, match="affine"):
-        served.scan({"image": np.zeros((1, 8, 8, 8), np.float32)})
+def test_a_phantom_without_geometry_is_written_on_the_working_grid(tmp_path: Path) -> None:
+    """Phantoms have no geometry: they are served on a RAS grid of the app's spacing, voxels as they are."""
+    served = ServedPipeline(tmp_path, conf={"spacing": "3"})
+    phantom = {"image": np.arange(512, dtype=np.float32).reshape(1, 8, 8, 8)}
+    values, meta = read_image(served.scan(phantom))
+    assert meta.spacing == pytest.approx((3.0, 3.0, 3.0)) and values.shape == (1, 8, 8, 8)
+    np.testing.assert_array_equal(values, phantom["image"])
     item = {"image": np.zeros((1, 8, 8, 8), np.float32), "affine": np.diag([2.0, 2.0, 2.0, 1.0])}
     assert served.scan(item) == served.scan(item)  # written once, by case
     written, _ = read_image(served.scan(item))
