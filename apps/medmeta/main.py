@@ -71,6 +71,7 @@ class MedMetaApp(MONAILabelApp):
             datastore = MedMetaDatastore(
                 self.studies,
                 fallback_labels=self.config.label_map,
+                max_revisions=self.config.max_revisions,
                 extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                 auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                 read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
@@ -98,6 +99,7 @@ class MedMetaApp(MONAILabelApp):
         cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
         return MedMetaDICOMWebDatastore(
             fallback_labels=self.config.label_map,
+            max_revisions=self.config.max_revisions,
             client=client,
             search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
             cache_path=cache or None,
@@ -137,8 +139,8 @@ class MedMetaApp(MONAILabelApp):
 
     def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
         super().on_save_label(image_id, label_id)
-        tags = getattr(self.datastore(), "last_tags", {})
-        scheduled = self.runtime.on_label_saved(image_id, tags.get(image_id, "final"))
+        tags = getattr(self.datastore(), "saved_tags", None)
+        scheduled = self.runtime.on_label_saved(image_id, tags.take(image_id) if tags else "final")
         return {"medmeta": {"adapting": scheduled}}
 
     def info(self) -> dict[str, Any]:

@@ -47,6 +47,8 @@ class AppConfig:
             ``head_steps``.
         max_shots: adaptation uses at most this many labelled scans per structure (the most recent ones), so
             its time stays bounded as labels accumulate.
+        max_revisions: earlier labels kept per image and tag when a save replaces one
+            (:mod:`medmeta_plugin.app.revisions`); 0, the default, keeps every one.
         max_voxels: images whose working grid holds more voxels are refused with a 4xx (a memory limit);
             512^3 is 0.5 GiB of float32 per feature channel.
         roi: sliding-window size in voxels for working grids larger than ``whole_volume_voxels``.
@@ -79,6 +81,7 @@ class AppConfig:
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
     adapt_steps: int = HEAD_MODE_STEPS
     max_shots: int = 8
+    max_revisions: int = 0
     max_voxels: int = 512**3
     roi: tuple[int, int, int] = (96, 96, 96)
     whole_volume_voxels: int = 160**3
@@ -197,6 +200,8 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
             values[key] = _floats3(key, raw)
         elif key == "roi":
             values[key] = _ints3(key, raw)
+        elif key == "max_revisions":
+            values[key] = _positive_int(key, raw) if raw.strip() != "0" else 0
         elif key in ("adapt_steps", "max_shots", "max_voxels", "whole_volume_voxels"):
             values[key] = _positive_int(key, raw)
         elif key == "labels":

@@ -27,10 +27,18 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 from medmeta_plugin.app.adapting import Example
 from medmeta_plugin.app.labels import Submission, VolumeTarget, parse_label_params, validate_label_file
+from medmeta_plugin.app.revisions import RevisionStore, SavedTags
 from medmeta_plugin.io import read_image
 from medmeta_plugin.names import validate_name
 
-__all__ = ["MedMetaDatastore", "TaskExamples", "collect_examples", "stored_submission"]
+__all__ = [
+    "MedMetaDatastore",
+    "TaskExamples",
+    "collect_examples",
+    "current_label",
+    "restore_label",
+    "stored_submission",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +70,17 @@ class MedMetaDatastore(LocalDatastore):
         **kwargs: passed to :class:`LocalDatastore` (``extensions``, ``auto_reload``, ``read_only``).
     """
 
-    def __init__(self, datastore_path: str, fallback_labels: Mapping[str, int] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        datastore_path: str,
+        fallback_labels: Mapping[str, int] | None = None,
+        max_revisions: int = 0,
+        **kwargs: Any,
+    ):
         self._fallback = dict(fallback_labels or {})
-        self.last_tags: dict[str, str] = {}
+        self.saved_tags = SavedTags()
+        # A hidden folder of the studies: no image scan lists it, and it travels with the labels.
+        self.revisions = RevisionStore(Path(datastore_path) / ".revisions", max_revisions)
         super().__init__(datastore_path, **kwargs)
 
     def _list_files(self, path: str, patterns: Any) -> dict[str, str]:
@@ -102,7 +118,15 @@ class MedMetaDatastore(LocalDatastore):
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]
     ) -> str:
-        """Validate, then store, a label; a refused one raises ``HTTPException`` (404, 400), stores none."""
+        """Validate, then store, a label; a refused one raises ``HTTPException`` (404, 400), stores none.
+
+        A label of the same image and tag that it replaces is kept as a revision (:mod:`.revisions`).
+        """
+        return self._save_label(image_id, label_filename, label_tag, label_info, "replaced")
+
+    def _save_label(
+        self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], reason: str
+    ) -> str:
         if self._datastore.objects.get(image_id) is None:
             raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore.")
         with validated_label(
@@ -111,9 +135,52 @@ class MedMetaDatastore(LocalDatastore):
             path,
             info,
         ):
-            label_id = super().save_label(image_id, path, label_tag, info)
-        self.last_tags[image_id] = label_tag
+            label_id = self.revisions.save(
+                image_id,
+                label_tag,
+                lambda: current_label(self, image_id, label_tag),
+                lambda: LocalDatastore.save_label(self, image_id, path, label_tag, info),
+                reason,
+            )
+        self.saved_tags.record(image_id, label_tag)
         return label_id
+
+    def restore_label(self, image_id: str, label_tag: str, revision: int) -> str:
+        """Save revision ``revision`` of an image's ``label_tag`` label as its current label; the label it
+        replaces is kept as a revision (``restored``), so a restore can be undone.
+
+        Raises:
+            HTTPException: 404 for an unknown image or revision.
+        """
+        return restore_label(self, image_id, label_tag, revision)
+
+
+def current_label(datastore: Datastore, image_id: str, tag: str) -> tuple[str, dict[str, Any]] | None:
+    """The file and info of an image's label of ``tag`` as the datastore holds it now, or None."""
+    if tag not in (datastore.get_labels_by_image_id(image_id) or {}):
+        return None
+    uri = datastore.get_label_uri(image_id, tag)
+    if not uri or not os.path.isfile(uri):
+        return None
+    return uri, dict(datastore.get_label_info(image_id, tag) or {})
+
+
+def restore_label(datastore: Any, image_id: str, tag: str, number: int) -> str:
+    """Save revision ``number`` of an image's ``tag`` label as its current one (see
+    :meth:`MedMetaDatastore.restore_label`); shared by the local and the DICOMweb datastore.
+
+    Raises:
+        HTTPException: 404 for an unknown image or revision.
+    """
+    try:
+        revision = datastore.revisions.get(image_id, tag, number)
+    except ValueError as err:
+        raise HTTPException(404, str(err)) from err
+    with tempfile.TemporaryDirectory(prefix="medmeta-restore-") as tmp:
+        copy = Path(tmp) / f"label{''.join(revision.file.suffixes)}"
+        shutil.copyfile(revision.file, copy)
+        info = RevisionStore.restored_info(revision)
+        return datastore._save_label(image_id, str(copy), tag, info, "restored")
 
 
 def _bin_to_nifti(image_uri: str, label_filename: str) -> str:

@@ -29,7 +29,8 @@ from monailabel.datastore.utils.convert import nifti_to_dicom_seg
 from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from medmeta_plugin.app.datastore import validated_label
+from medmeta_plugin.app.datastore import current_label, restore_label, validated_label
+from medmeta_plugin.app.revisions import RevisionStore, SavedTags
 from medmeta_plugin.io import read_label
 
 __all__ = ["MedMetaDICOMWebDatastore", "write_seg"]
@@ -45,12 +46,16 @@ class MedMetaDICOMWebDatastore(DICOMWebDatastore):
         **kwargs: passed to :class:`DICOMWebDatastore` (``client``, ``search_filter``, ``cache_path``, ...).
     """
 
-    def __init__(self, fallback_labels: Mapping[str, int] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, fallback_labels: Mapping[str, int] | None = None, max_revisions: int = 0, **kwargs: Any
+    ) -> None:
         self._fallback = dict(fallback_labels or {})
-        self.last_tags: dict[str, str] = {}
+        self.saved_tags = SavedTags()
         super().__init__(**kwargs)
         self._locks = Path(self._datastore_path + ".locks")
         self._locks.mkdir(parents=True, exist_ok=True)
+        # The local copies of labels (the older DICOM SEG instances stay in the PACS as they are).
+        self.revisions = RevisionStore(self._datastore_path + ".revisions", max_revisions)
 
     @contextmanager
     def _series_lock(self, series_id: str) -> Iterator[None]:
@@ -71,7 +76,17 @@ class MedMetaDICOMWebDatastore(DICOMWebDatastore):
         label_info: dict[str, Any],
         label_id: str = "",
     ) -> str:
-        """Validate the label; for a final one, store it in the PACS as DICOM SEG; keep it locally."""
+        """Validate the label; for a final one, store it in the PACS as DICOM SEG; keep it locally (the local
+        label it replaces as a revision, :mod:`medmeta_plugin.app.revisions`)."""
+        return self._save_label(image_id, label_filename, label_tag, label_info, "replaced")
+
+    def restore_label(self, image_id: str, label_tag: str, revision: int) -> str:
+        """Save an earlier revision as the current label (a new DICOM SEG for a final one); undoable."""
+        return restore_label(self, image_id, label_tag, revision)
+
+    def _save_label(
+        self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any], reason: str
+    ) -> str:
         if image_id not in self.list_images():
             raise HTTPException(404, f"image {image_id!r} is not in the DICOMweb datastore.")
         image_uri = self.get_image_uri(image_id)
@@ -83,8 +98,14 @@ class MedMetaDICOMWebDatastore(DICOMWebDatastore):
                     info["SeriesInstanceUID"] = dicom_web_upload_dcm(seg, self._client)
                     info["ReferencedSeriesInstanceUID"] = image_id
                     os.unlink(seg)
-            label_id = LocalDatastore.save_label(self, image_id, path, label_tag, info)
-        self.last_tags[image_id] = label_tag
+            label_id = self.revisions.save(
+                image_id,
+                label_tag,
+                lambda: current_label(self, image_id, label_tag),
+                lambda: LocalDatastore.save_label(self, image_id, path, label_tag, info),
+                reason,
+            )
+        self.saved_tags.record(image_id, label_tag)
         return label_id
 
     def series_dir(self, image_id: str) -> str:

@@ -9,6 +9,9 @@
 - ``PUT /datastore/label`` with ``params`` that are not a JSON object (MONAI Label: 500), or a ``tag`` that
   is not a safe name (it becomes a folder name).
 
+And two routes of medmeta's own, for label revisions: ``GET /datastore/label/revisions?image=&tag=`` and
+``POST /datastore/label/restore?image=&revision=&tag=``.
+
 Each guard has the same signature and the same authentication dependency as the route it stands in front
 of, checks the request, and then calls MONAI Label's own handler, so behaviour is otherwise unchanged. The
 guards are inserted at the front of the running FastAPI router (routes are matched per request, so this is
@@ -162,4 +165,53 @@ def install_guards(fastapi_app: FastAPI) -> None:
     ):
         fastapi_app.add_api_route(path, guard, methods=[method], include_in_schema=False)
     _front(fastapi_app, 4)
+    _install_revisions(fastapi_app, prefix)
     fastapi_app.state.medmeta_guards = True
+
+
+def _revision_store(image: str, tag: str):
+    """The running app's datastore, once ``image`` and ``tag`` are known to be fit to ask it about."""
+    try:
+        validate_name(tag, "label tag")
+    except ValueError as err:
+        raise HTTPException(400, str(err)) from err
+    datastore = app_instance().datastore()
+    if not hasattr(datastore, "revisions"):
+        raise HTTPException(400, "this datastore keeps no label revisions.")
+    if image not in datastore.list_images():
+        raise HTTPException(404, f"image {image!r} is not in the datastore.")
+    return datastore
+
+
+def _install_revisions(fastapi_app: FastAPI, prefix: str) -> None:
+    """``GET /datastore/label/revisions`` lists an image's label revisions, ``POST
+    /datastore/label/restore`` makes one of them current again (itself a new revision, so undoable), and
+    schedules the adaptation a new label would. Guarded like MONAI Label's label routes."""
+
+    def list_revisions(image: str, tag: str = "final", user: User = _ANNOTATOR):
+        from medmeta_plugin.app.datastore import current_label
+
+        datastore = _revision_store(image, tag)
+        current = current_label(datastore, image, tag)
+        return {
+            "image": image,
+            "tag": tag,
+            "current": None
+            if current is None
+            else {"ts": current[1].get("ts"), "file": os.path.basename(current[0])},
+            "revisions": [r.to_json() for r in datastore.revisions.list(image, tag)],
+        }
+
+    def restore_revision(image: str, revision: int, tag: str = "final", user: User = _ANNOTATOR):
+        datastore = _revision_store(image, tag)
+        label_id = datastore.restore_label(image, tag, revision)
+        answer = app_instance().on_save_label(image, label_id)
+        return {"image": image, "tag": tag, "restored": revision, "label": label_id, **(answer or {})}
+
+    fastapi_app.add_api_route(
+        f"{prefix}/datastore/label/revisions", list_revisions, methods=["GET"], summary="Label revisions"
+    )
+    fastapi_app.add_api_route(
+        f"{prefix}/datastore/label/restore", restore_revision, methods=["POST"], summary="Restore a revision"
+    )
+    _front(fastapi_app, 2)

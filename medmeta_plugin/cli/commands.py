@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from medmeta_plugin.cli import app_benchmarks, serve
+from medmeta_plugin.cli import app_benchmarks, labels, serve
 
 __all__ = ["PARSERS"]
 
@@ -440,4 +440,13 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-PARSERS = (_add_info, _add_check, _add_tasks, _add_synth, _add_meta_train, _add_benchmark, *serve.PARSERS)
+PARSERS = (
+    _add_info,
+    _add_check,
+    _add_tasks,
+    _add_synth,
+    _add_meta_train,
+    _add_benchmark,
+    *serve.PARSERS,
+    *labels.PARSERS,
+)

@@ -74,3 +74,12 @@ def test_backbone_path_is_kept(tmp_path: Path) -> None:
     path = tmp_path / "b.safetensors"
     path.write_bytes(b"x")
     assert parse_conf({"backbone": str(path)}).backbone == path
+
+
+def test_max_revisions_is_zero_for_all_or_a_positive_cap() -> None:
+    assert parse_conf({}).max_revisions == 0
+    assert parse_conf({"max_revisions": "0"}).max_revisions == 0
+    assert parse_conf({"max_revisions": "5"}).max_revisions == 5
+    for bad in ("-1", "two"):
+        with pytest.raises(ValueError, match="max_revisions"):
+            parse_conf({"max_revisions": bad})

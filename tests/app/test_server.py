@@ -109,3 +109,47 @@ def test_unknown_names_are_4xx_over_http(server) -> None:
             call()
         assert "Status: 404" in str(err.value)
     assert client.info()["name"] == "medmeta"  # still serving
+
+
+@pytest.mark.slow
+def test_label_revisions_and_concurrent_saves_against_a_real_server(
+    server, studies, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Saves of one image from several threads at once (3D Slicer and OHIF users on one scan): every final
+    save schedules its adaptation, every replaced label is a revision, and the CLI lists and restores them."""
+    import threading
+
+    from medmeta_plugin.cli.main import main
+
+    client, _, log = server
+    (tmp_path / "client").mkdir()
+    url = client.get_server_url()
+    answers: list[tuple[str, dict]] = []
+    barrier = threading.Barrier(6)
+
+    def save(i: int) -> None:
+        tag = "final" if i % 2 == 0 else "original"
+        own = MONAILabelClient(url, tmpdir=str(tmp_path / "client"))
+        barrier.wait()
+        answers.append(
+            (tag, own.save_label("a", str(studies["a" if i < 3 else "b"]), tag, {"label_info": LABEL_INFO}))
+        )
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 6, log.read_text()[-3000:]
+    for tag, answer in answers:
+        adapting = answer["medmeta"]["adapting"]
+        assert (sorted(adapting) == ["ball", "box"]) == (tag == "final"), (tag, answer)
+    assert main(["labels", "revisions", "a", "--server", url]) == 0
+    listed = capsys.readouterr().out
+    assert "| 1 |" in listed and "| 2 |" in listed and "| 3 |" not in listed, listed  # 3 finals: 2 replaced
+    assert main(["labels", "restore", "a", "1", "--server", url]) == 0
+    assert "Adapting: ball, box" in capsys.readouterr().out
+    assert main(["labels", "revisions", "a", "--server", url]) == 0
+    assert "a restore" in capsys.readouterr().out
+    assert main(["labels", "restore", "a", "9", "--server", url]) == 2
+    assert "404" in capsys.readouterr().err
