@@ -72,6 +72,7 @@ class MedMetaApp(MONAILabelApp):
                 self.studies,
                 fallback_labels=self.config.label_map,
                 max_revisions=self.config.max_revisions,
+                limits=(self.config.spacing, self.config.max_voxels),
                 extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                 auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                 read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,

@@ -21,14 +21,16 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 from medmeta_plugin.app.adapting import Example
+from medmeta_plugin.app.grid import check_size
 from medmeta_plugin.app.labels import Submission, VolumeTarget, parse_label_params, validate_label_file
 from medmeta_plugin.app.revisions import RevisionStore, SavedTags
-from medmeta_plugin.io import read_image
+from medmeta_plugin.io import declared_size, read_image
 from medmeta_plugin.names import validate_name
 
 __all__ = [
@@ -41,6 +43,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# A label declaring more than this many times its image's voxels is refused from its header (a gzip bomb);
+# a smaller mismatch is read and refused with the geometry that differs.
+_LABEL_FACTOR = 4
 
 
 def _is_dicom_folder(path: Path) -> bool:
@@ -67,6 +73,9 @@ class MedMetaDatastore(LocalDatastore):
     Args:
         datastore_path: the studies folder.
         fallback_labels: ``{name: value}`` for labels submitted without ``label_info``.
+        max_revisions: earlier labels kept per image and tag (0: all; :mod:`medmeta_plugin.app.revisions`).
+        limits: ``(working spacing, max_voxels)``: uploads whose header declares more are refused with a 413
+            before their data is read (:func:`medmeta_plugin.app.grid.check_size`); None: no check.
         **kwargs: passed to :class:`LocalDatastore` (``extensions``, ``auto_reload``, ``read_only``).
     """
 
@@ -75,9 +84,11 @@ class MedMetaDatastore(LocalDatastore):
         datastore_path: str,
         fallback_labels: Mapping[str, int] | None = None,
         max_revisions: int = 0,
+        limits: tuple[tuple[float, float, float], int] | None = None,
         **kwargs: Any,
     ):
         self._fallback = dict(fallback_labels or {})
+        self._limits = limits
         self.saved_tags = SavedTags()
         # A hidden folder of the studies: no image scan lists it, and it travels with the labels.
         self.revisions = RevisionStore(Path(datastore_path) / ".revisions", max_revisions)
@@ -108,6 +119,11 @@ class MedMetaDatastore(LocalDatastore):
             image_id = self._to_id(os.path.basename(image_filename))[0]
         try:
             validate_name(image_id, "image id")
+            if self._limits is not None:  # from the header alone, before the data is read or inflated
+                try:
+                    check_size(image_filename, *self._limits)
+                except ValueError as err:
+                    raise HTTPException(413, f"image upload refused: {err}") from err
             read_image(image_filename)
         except (TypeError, ValueError) as err:
             raise HTTPException(400, f"image upload refused: {err}") from err
@@ -227,6 +243,12 @@ def validated_label(
                 label_filename = converted
             submission = parse_label_params(label_info, fallback)
             _, image_meta = read_image(image_uri)
+            declared = declared_size(label_filename)  # before the label's data is read (a gzip bomb)
+            if declared is not None and declared.voxels > _LABEL_FACTOR * int(np.prod(image_meta.shape)):
+                raise ValueError(
+                    f"the label file declares {declared.shape} voxels x {declared.channels} channel(s), far "
+                    f"more than its image's {tuple(image_meta.shape)}; none of it was read."
+                )
             _, submission = validate_label_file(label_filename, image_meta, submission)
         except ValueError as err:
             raise HTTPException(400, f"label for image {image_id!r} refused: {err}") from err

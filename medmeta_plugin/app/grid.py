@@ -13,10 +13,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medmeta_plugin.io import ImageMeta, read_image, read_label, resample
+from medmeta_plugin.io import ImageMeta, declared_size, read_image, read_label, resample
 from medmeta_plugin.transforms import normalize_intensity
 
-__all__ = ["WorkingVolume", "label_to_working", "load_working", "to_original_grid"]
+__all__ = [
+    "NATIVE_FACTOR",
+    "WorkingVolume",
+    "check_size",
+    "label_to_working",
+    "load_working",
+    "to_original_grid",
+]
+
+# A scan is read on its own grid before it is resampled: its own voxels may number this many times
+# max_voxels (a 0.5 mm CT is ~8x its voxels at 1 mm), 4 x 512^3 float32 being 2 GiB.
+NATIVE_FACTOR = 4
 
 # Working axes: the backbone is not rotation invariant, so every scan is turned to one axis convention first
 # (an exact permutation/flip, no interpolation). RAS is the NIfTI/MONAI convention the training data used.
@@ -50,6 +61,46 @@ def _padded(shape: tuple[int, ...], divisor: int) -> tuple[int, int, int]:
     return tuple(int(-(-s // divisor) * divisor) for s in shape)  # type: ignore[return-value]
 
 
+def _check_working(
+    source: str,
+    shape: tuple[int, ...],
+    own: tuple[float, ...],
+    spacing: tuple[float, float, float],
+    limit: int,
+) -> None:
+    extent = np.asarray(shape, dtype=np.float64) * np.asarray(own, dtype=np.float64)
+    working_voxels = int(np.prod(np.ceil(extent / np.asarray(spacing))))
+    if working_voxels > limit:
+        raise ValueError(
+            f"{source}: image of {tuple(shape)} voxels at {np.round(own, 3).tolist()} mm needs "
+            f"{working_voxels} voxels at the working spacing {list(spacing)} mm, over the limit of "
+            f"{limit} (--conf max_voxels)."
+        )
+
+
+def check_size(path: str | Path, spacing: tuple[float, float, float], max_voxels: int) -> None:
+    """Refuse a scan too large to serve from its header alone, before any of its data is read or inflated.
+
+    Args:
+        path: image or label file (a DICOM folder passes: the series reader checks its files).
+        spacing: working voxel size in mm.
+        max_voxels: the working grid's limit; the scan's own grid may hold :data:`NATIVE_FACTOR` times it.
+
+    Raises:
+        ValueError: if the header declares more voxels than either limit; the message names the file.
+    """
+    size = declared_size(path)
+    if size is None:
+        return
+    native = NATIVE_FACTOR * max_voxels
+    if size.voxels > native:
+        raise ValueError(
+            f"{path}: the file declares {size.shape} voxels x {size.channels} channel(s) = {size.voxels} "
+            f"values, over the limit of {native} ({NATIVE_FACTOR} x --conf max_voxels); none of it read."
+        )
+    _check_working(str(path), size.shape, size.spacing, spacing, max_voxels)
+
+
 def load_working(
     path: str | Path, spacing: tuple[float, float, float], divisor: int, max_voxels: int
 ) -> WorkingVolume:
@@ -67,15 +118,9 @@ def load_working(
     Raises:
         ValueError: if the scan cannot be read, holds NaN/inf, or is too large; the message names the file.
     """
+    check_size(path, spacing, max_voxels)
     array, meta = read_image(path)
-    extent = np.asarray(meta.shape) * np.asarray(meta.spacing)
-    working_voxels = int(np.prod(np.ceil(extent / np.asarray(spacing))))
-    if working_voxels > max_voxels:
-        raise ValueError(
-            f"{meta.source}: image of {meta.shape} voxels at {np.round(meta.spacing, 3).tolist()} mm needs "
-            f"{working_voxels} voxels at the working spacing {list(spacing)} mm, over the limit of "
-            f"{max_voxels} (--conf max_voxels)."
-        )
+    _check_working(meta.source, meta.shape, meta.spacing, spacing, max_voxels)
     work, working = resample(array, meta, spacing=spacing, orientation=WORKING_ORIENTATION)
     image = torch.as_tensor(normalize_intensity(work))
     shape = tuple(int(s) for s in image.shape[1:])

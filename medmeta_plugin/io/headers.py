@@ -1,0 +1,88 @@
+"""What an image file declares about its size, read from its header alone: nothing of its data is read or
+decompressed, so a file that would inflate to gigabytes (a gzip bomb, a header declaring 10^10 voxels) can
+be refused before it costs memory."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import nibabel as nib
+import nrrd
+import numpy as np
+
+from medmeta_plugin.io.formats import file_format
+
+__all__ = ["DeclaredSize", "declared_size"]
+
+# A MetaImage header is a few hundred bytes of text before its data (or its data file's name).
+_MHA_HEADER_BYTES = 65536
+
+
+class DeclaredSize(NamedTuple):
+    """An image's size as its header declares it.
+
+    Attributes:
+        shape: spatial size (X, Y, Z) (a 2D file: Z = 1).
+        spacing: voxel size in mm along those axes.
+        channels: values per voxel (1 for a scalar image).
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    channels: int
+
+    @property
+    def voxels(self) -> int:
+        """Values the data holds: spatial voxels times channels."""
+        return int(np.prod(self.shape, dtype=np.float64) * self.channels)
+
+
+def _three(values: list[float], fill: float) -> tuple[float, float, float]:
+    padded = [*values[:3], *([fill] * (3 - len(values[:3])))]
+    return (float(padded[0]), float(padded[1]), float(padded[2]))
+
+
+def declared_size(path: str | Path) -> DeclaredSize | None:
+    """The size ``path``'s header declares, or None for a DICOM folder (its files are each small; the
+    series reader checks them), a file of an unknown format or a header too malformed to say (the full
+    reader then reports why)."""
+    path = Path(path)
+    if path.is_dir() or not path.exists():
+        return None
+    try:
+        fmt = file_format(path)
+    except ValueError:
+        return None
+    try:
+        if fmt == "nifti":
+            header = nib.load(path).header  # the header only: nibabel reads data lazily
+            dims = [int(d) for d in header.get_data_shape()]
+            zooms = [float(z) for z in header.get_zooms()[:3]]
+            shape = tuple(int(d) for d in _three([float(d) for d in dims], 1.0))
+            return DeclaredSize(shape, _three(zooms, 1.0), int(np.prod(dims[3:], dtype=np.int64)) or 1)  # type: ignore[arg-type]
+        if fmt == "nrrd":
+            header = nrrd.read_header(str(path))
+            sizes = [int(s) for s in header["sizes"]]
+            directions = header.get("space directions")
+            if directions is not None:
+                rows = [np.asarray(r, dtype=np.float64) for r in directions]
+                spatial = [i for i, r in enumerate(rows) if np.all(np.isfinite(r))]
+                spacing = [float(np.linalg.norm(rows[i])) for i in spatial]
+            else:
+                spatial = list(range(min(3, len(sizes))))
+                spacing = [float(s) for s in header.get("spacings", [1.0] * len(sizes))][: len(spatial)]
+            other = [s for i, s in enumerate(sizes) if i not in spatial]
+            shape = tuple(int(s) for s in _three([float(sizes[i]) for i in spatial], 1.0))
+            return DeclaredSize(shape, _three(spacing, 1.0), int(np.prod(other, dtype=np.int64)) or 1)  # type: ignore[arg-type]
+        with open(path, "rb") as f:  # MetaImage: "Key = value" lines
+            text = f.read(_MHA_HEADER_BYTES).decode("latin-1")
+        fields = dict(re.findall(r"^\s*(\w+)\s*=\s*(.*?)\s*$", text.split("ElementDataFile")[0], re.M))
+        dims = [int(v) for v in fields["DimSize"].split()]
+        spacing = [float(v) for v in fields.get("ElementSpacing", fields.get("ElementSize", "1 1 1")).split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        shape = tuple(int(d) for d in _three([float(d) for d in dims], 1.0))
+        return DeclaredSize(shape, _three(spacing, 1.0), channels)  # type: ignore[arg-type]
+    except Exception:  # a header that does not parse: the full reader gives the diagnosis
+        return None
