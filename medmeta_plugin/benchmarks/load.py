@@ -2,9 +2,13 @@
 
 ``submitters`` clients each submit labels on their own copy of the sample CT at the same moment: half of
 them label the same structure, the others one structure each. ``readers`` clients meanwhile run inference on
-the MR in a loop. The benchmark then checks that every label is stored (``labels_lost`` must be 0), that
-the final adapter of each structure was fitted on all of its labels, and reports inference latency
-percentiles and throughput while adaptation was running, and errors (which must be 0).
+the MR while the adaptations run, and then until ``requests`` more inferences have been answered in all (a
+fixed amount of work, not a duration).
+The benchmark then checks that every label is stored (``labels_lost`` must be 0), that the final adapter of
+each structure was fitted on all of its labels, and reports inference latency percentiles and throughput
+while adaptation was running, errors (which must be 0), and the server's resident memory when it is ready,
+once every adaptation is done, and after the last request (over those ``requests`` inferences it must stay
+within the adapters and the bounded caches).
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ _SHARED = "kidney_left"
 _OWN = ("kidney_right", "iliopsoas_left", "iliopsoas_right", "gallbladder", "pancreas")
 
 
-def run_load_benchmark(submitters: int = 6, readers: int = 4, seconds: float = 30.0) -> dict[str, Any]:
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (Linux ``/proc``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def run_load_benchmark(submitters: int = 8, readers: int = 16, requests: int = 1000) -> dict[str, Any]:
     """Run the load benchmark (see the module docstring)."""
     from monailabel.client import MONAILabelClient
 
@@ -36,8 +48,11 @@ def run_load_benchmark(submitters: int = 6, readers: int = 4, seconds: float = 3
     from medmeta_plugin.io import write_image
 
     logging.getLogger("monailabel.client.client").setLevel(logging.WARNING)
-    if submitters < 2 or readers < 1:
-        raise ValueError(f"need submitters >= 2 and readers >= 1, got {submitters}, {readers}.")
+    if submitters < 2 or readers < 1 or requests < readers:
+        raise ValueError(
+            f"need submitters >= 2, readers >= 1 and requests >= readers, got {submitters}, {readers}, "
+            f"{requests}."
+        )
     work = Path(tempfile.mkdtemp(prefix="medmeta-load-"))
     studies, app, labels = work / "studies", work / "app", work / "labels"
     studies.mkdir()
@@ -56,8 +71,9 @@ def run_load_benchmark(submitters: int = 6, readers: int = 4, seconds: float = 3
     latencies: list[float] = []
     errors: list[str] = []
     result: dict[str, Any] = {}
-    with running_server(str(studies), app, work / "server.log") as (url, _):
-        stop = threading.Event()
+    with running_server(str(studies), app, work / "server.log") as (url, server):
+        rss = {"ready": _rss_mb(server.pid)}
+        share = [requests // readers + (1 if i < requests % readers else 0) for i in range(readers)]
         barrier = threading.Barrier(submitters)
 
         def submit(image_id: str) -> None:
@@ -69,41 +85,55 @@ def run_load_benchmark(submitters: int = 6, readers: int = 4, seconds: float = 3
             except Exception as err:
                 errors.append(f"save_label {image_id}: {err}")
 
-        def read() -> None:
+        adapted = threading.Event()
+        after: list[float] = []  # latencies once every adaptation is done
+
+        def read(count: int) -> None:
             client = MONAILabelClient(url, tmpdir=str(work))
-            while not stop.is_set():
+            answered = 0
+            deadline = time.perf_counter() + 900
+            while answered < count and time.perf_counter() < deadline:
+                counted = adapted.is_set()
                 t0 = time.perf_counter()
                 try:
                     client.infer("medmeta", "mr", {"result_extension": ".nii.gz"})
                     latencies.append(time.perf_counter() - t0)
+                    if counted:
+                        after.append(latencies[-1])
+                        answered += 1
                 except Exception as err:
                     if "no structure has been adapted yet" not in str(err):
                         errors.append(f"infer: {err}")
                     time.sleep(0.2)
 
         threads = [threading.Thread(target=submit, args=(i,)) for i in plan]
-        threads += [threading.Thread(target=read) for _ in range(readers)]
+        readers_ = [threading.Thread(target=read, args=(n,)) for n in share]
+        threads += readers_
         t0 = time.perf_counter()
         for t in threads:
             t.start()
-        # Readers run until every adaptation is done (and at least ``seconds``).
         expected = {s for s, _ in plan.values()}
+        timed_out = False
         while True:
             info = json.loads(_get(f"{url}/info/"))
             queue = info["medmeta"]["adaptation"]
             done = (
                 expected <= set(info["medmeta"]["adapters"]) and not queue["pending"] and not queue["running"]
             )
-            if done and time.perf_counter() - t0 >= seconds:
+            if done:
                 break
             if time.perf_counter() - t0 > 600:
                 errors.append("adaptation did not finish within 600 s")
+                timed_out = True
                 break
             time.sleep(0.5)
-        elapsed = time.perf_counter() - t0
-        stop.set()
+        adapted_s = time.perf_counter() - t0
+        rss["adapted"] = _rss_mb(server.pid)
+        adapted.set()
         for t in threads:
-            t.join(60)
+            t.join(900)
+        elapsed = time.perf_counter() - t0
+        rss["end"] = _rss_mb(server.pid)
         store = json.loads(_get(f"{url}/datastore/?output=all"))["objects"]
         stored = sum(1 for image_id in plan if "final" in store.get(image_id, {}).get("labels", {}))
         shots = {}
@@ -115,15 +145,23 @@ def run_load_benchmark(submitters: int = 6, readers: int = 4, seconds: float = 3
             "submitters": submitters,
             "readers": readers,
             "elapsed_s": round(elapsed, 2),
+            "adapted_s": None if timed_out else round(adapted_s, 2),
+            "server_rss_mb": rss,
             "labels_submitted": len(plan),
             "labels_stored": stored,
             "labels_lost": len(plan) - stored,
             "final_adapter_shots": shots,
             "expected_shots": wanted,
             "infer_requests": len(latencies),
+            "infer_requests_while_adapting": len(latencies) - len(after),
+            "infer_requests_after": len(after),
             "infer_per_s": round(len(latencies) / elapsed, 2),
+            "infer_per_s_after": round(len(after) / max(elapsed - adapted_s, 1e-9), 2),
             "latency_s": {f"p{q}": round(float(np.percentile(latencies, q)), 3) for q in (50, 95, 99)}
             if latencies
+            else {},
+            "latency_after_s": {f"p{q}": round(float(np.percentile(after, q)), 3) for q in (50, 95, 99)}
+            if after
             else {},
             "errors": errors,
         }
@@ -140,15 +178,25 @@ def _get(url: str) -> str:
 def summarise_load(results: dict[str, Any]) -> str:
     """The figures as Markdown lines."""
     r = results["result"]
-    lat = r.get("latency_s", {})
+    lat, after = r.get("latency_s", {}), r.get("latency_after_s", {})
     return "\n".join(
         [
             f"{r['submitters']} clients submitted labels at once, {r['readers']} ran inference meanwhile "
-            f"({r['elapsed_s']} s):",
+            f"({r['elapsed_s']} s; "
+            + (
+                f"every adaptation done after {r['adapted_s']} s):"
+                if r["adapted_s"]
+                else "not all adapted in 600 s):"
+            ),
             f"- labels stored {r['labels_stored']} / {r['labels_submitted']} (lost: {r['labels_lost']})",
             f"- final adapter shots {r['final_adapter_shots']} (labels per structure {r['expected_shots']})",
             f"- inference: {r['infer_requests']} requests, {r['infer_per_s']} /s, latency p50 "
             f"{lat.get('p50')} s, p95 {lat.get('p95')} s, p99 {lat.get('p99')} s",
+            f"- of them {r['infer_requests_while_adapting']} while adapting, "
+            f"{r['infer_requests_after']} after ({r['infer_per_s_after']} /s, "
+            f"p50 {after.get('p50')} s, p95 {after.get('p95')} s, p99 {after.get('p99')} s)",
             f"- errors: {len(r['errors'])} {r['errors'][:3]}",
+            f"- server resident memory MB: ready {r['server_rss_mb']['ready']}, adapted "
+            f"{r['server_rss_mb']['adapted']}, after the last request {r['server_rss_mb']['end']}",
         ]
     )

@@ -44,9 +44,9 @@ def add_parsers(inner: argparse._SubParsersAction) -> None:
     s.add_argument("--plot", type=Path, help="PNG of Dice against labelled scans per strategy")
     s.set_defaults(func=_active)
     m = inner.add_parser("load", help="real server: concurrent label submissions and inference; nothing lost")
-    m.add_argument("--submitters", type=int, default=6)
-    m.add_argument("--readers", type=int, default=4)
-    m.add_argument("--seconds", type=float, default=30.0, help="least time the readers run")
+    m.add_argument("--submitters", type=int, default=8, help="labellers submitting at once")
+    m.add_argument("--readers", type=int, default=16, help="inference clients")
+    m.add_argument("--requests", type=int, default=1000, help="inferences answered in all")
     m.add_argument("--out", type=Path, default=Path("results_load.json"))
     m.set_defaults(func=_load)
 
@@ -79,7 +79,7 @@ def _active(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace) -> int:
     from medmeta_plugin.benchmarks.load import run_load_benchmark, summarise_load
 
-    results = run_load_benchmark(args.submitters, args.readers, args.seconds)
+    results = run_load_benchmark(args.submitters, args.readers, args.requests)
     args.out.write_text(json.dumps(results, indent=1))
     print(summarise_load(results))
     print(f"results: {args.out}")

@@ -41,3 +41,18 @@ def test_one_structure_end_to_end(tmp_path) -> None:
     server = results["server"]
     assert server["infer_cold_s"] > 0 and server["rss_after_mb"] > 0
     assert "kidney_left" in summarise_app(results)
+
+
+@pytest.mark.slow
+def test_load_benchmark_loses_no_label_and_reports_memory() -> None:
+    """A small run of `medmeta benchmark load` against a real server: labels at once, a fixed number of
+    inferences, nothing lost, no error, the server's memory at three moments."""
+    from medmeta_plugin.benchmarks.load import run_load_benchmark, summarise_load
+
+    result = run_load_benchmark(submitters=2, readers=2, requests=6)["result"]
+    assert result["labels_lost"] == 0 and not result["errors"], result
+    assert result["infer_requests_after"] == 6 and result["infer_requests"] >= 6
+    assert result["final_adapter_shots"] == result["expected_shots"]
+    assert set(result["server_rss_mb"]) == {"ready", "adapted", "end"}
+    assert all(v > 0 for v in result["server_rss_mb"].values())
+    assert "resident memory" in summarise_load({"result": result})
