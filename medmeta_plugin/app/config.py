@@ -47,6 +47,8 @@ class AppConfig:
             ``head_steps``.
         max_shots: adaptation uses at most this many labelled scans per structure (the most recent ones), so
             its time stays bounded as labels accumulate.
+        concurrent_inferences: inferences computed at once; more wait their turn, so that a crowd of viewers
+            does not starve the adaptation of a newly submitted label of CPU (``docs/RELIABILITY.md``).
         max_revisions: earlier labels kept per image and tag when a save replaces one
             (:mod:`medmeta_plugin.app.revisions`); 0, the default, keeps every one.
         max_voxels: images whose working grid holds more voxels are refused with a 4xx (a memory limit);
@@ -82,6 +84,7 @@ class AppConfig:
     adapt_steps: int = HEAD_MODE_STEPS
     max_shots: int = 8
     max_revisions: int = 0
+    concurrent_inferences: int = 2
     max_voxels: int = 512**3
     roi: tuple[int, int, int] = (96, 96, 96)
     whole_volume_voxels: int = 160**3
@@ -202,7 +205,13 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
             values[key] = _ints3(key, raw)
         elif key == "max_revisions":
             values[key] = _positive_int(key, raw) if raw.strip() != "0" else 0
-        elif key in ("adapt_steps", "max_shots", "max_voxels", "whole_volume_voxels"):
+        elif key in (
+            "adapt_steps",
+            "max_shots",
+            "max_voxels",
+            "whole_volume_voxels",
+            "concurrent_inferences",
+        ):
             values[key] = _positive_int(key, raw)
         elif key == "labels":
             values[key] = _labels(raw)

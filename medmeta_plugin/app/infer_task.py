@@ -112,7 +112,8 @@ class SegmentationInfer(_RuntimeInfer):
                 "(3D Slicer: Submit Label), then run medmeta again.",
             )
         try:
-            result = self.runtime.engine.segment(image, tasks)
+            with self.runtime.inference_slot() as waited:
+                result = self.runtime.engine.segment(image, tasks)
         except ValueError as err:
             raise HTTPException(400, str(err)) from err
         if max(result.names.values(), default=0) > _DTYPES[dtype]:
@@ -120,7 +121,7 @@ class SegmentationInfer(_RuntimeInfer):
         fd, path = tempfile.mkstemp(suffix=ext, prefix="medmeta-")
         os.close(fd)
         write_image(path, result.labels, result.meta)
-        latencies = {**{k: round(v, 3) for k, v in result.seconds.items()}}
+        latencies = {**{k: round(v, 3) for k, v in result.seconds.items()}, "queued": round(waited, 3)}
         latencies["total"] = round(time.perf_counter() - start, 3)
         versions = self.runtime.engine.versions()
         return path, {
@@ -157,7 +158,8 @@ class VolumeInfer(_RuntimeInfer):
                 400, "no classification or regression task has been adapted yet: submit targets with a label."
             )
         try:
-            predictions = self.runtime.engine.predict(image, tasks)
+            with self.runtime.inference_slot():
+                predictions = self.runtime.engine.predict(image, tasks)
         except ValueError as err:
             raise HTTPException(400, str(err)) from err
         latencies = {"total": round(time.perf_counter() - start, 3)}

@@ -8,9 +8,11 @@ datastore; when the queue is empty the worker refreshes the active-learning scor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ class MedMetaRuntime:
         self._scores: dict[str, tuple[float | None, tuple]] = {}
         self._embeddings: dict[str, tuple[np.ndarray, int]] = {}
         self._lock = threading.Lock()
+        self._inference_slots = threading.BoundedSemaphore(config.concurrent_inferences)
 
     # ----- adaptation --------------------------------------------------------------------------------------
     def start(self) -> list[str]:
@@ -65,6 +68,14 @@ class MedMetaRuntime:
             if meta is None or meta.get("examples") != examples_fingerprint(used):
                 stale.append(task)
         return self.worker.request(stale) if stale else []
+
+    @contextlib.contextmanager
+    def inference_slot(self) -> Iterator[float]:
+        """Hold one of ``concurrent_inferences`` slots while an inference computes; yields the seconds the
+        request waited for it."""
+        start = time.perf_counter()
+        with self._inference_slots:
+            yield time.perf_counter() - start
 
     def _warm_up(self) -> None:
         start = time.perf_counter()

@@ -83,3 +83,10 @@ def test_max_revisions_is_zero_for_all_or_a_positive_cap() -> None:
     for bad in ("-1", "two"):
         with pytest.raises(ValueError, match="max_revisions"):
             parse_conf({"max_revisions": bad})
+
+
+def test_concurrent_inferences_is_a_positive_count() -> None:
+    assert parse_conf({}).concurrent_inferences == 2
+    assert parse_conf({"concurrent_inferences": "4"}).concurrent_inferences == 4
+    with pytest.raises(ValueError, match="concurrent_inferences"):
+        parse_conf({"concurrent_inferences": "0"})

@@ -42,3 +42,34 @@ def test_restart_readapts_only_what_changed(tmp_path: Path, studies: dict, tiny_
         assert third.engine.served_meta("ball")["shots"] == 2
     finally:
         third.worker.stop()
+
+
+def test_inference_slots_bound_how_many_inferences_compute_at_once(
+    tmp_path: Path, studies: dict, tiny_backbone: Path
+) -> None:
+    import threading
+    import time
+
+    datastore = MedMetaDatastore(str(studies["studies"]), extensions=["*.nii.gz"])
+    conf = parse_conf({**app_conf(tiny_backbone), "concurrent_inferences": "2"})
+    runtime = MedMetaRuntime(conf, tmp_path / "model", datastore)
+    inside, most, waits = [0], [0], []
+    lock = threading.Lock()
+
+    def infer() -> None:
+        with runtime.inference_slot() as waited:
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.2)
+            with lock:
+                inside[0] -= 1
+        waits.append(waited)
+
+    threads = [threading.Thread(target=infer) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 2, "never more than concurrent_inferences at once"
+    assert max(waits) >= 0.35, "the later requests waited their turn"
