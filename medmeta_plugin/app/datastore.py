@@ -39,6 +39,7 @@ __all__ = [
     "collect_examples",
     "current_label",
     "restore_label",
+    "store_label",
     "stored_submission",
 ]
 
@@ -151,15 +152,7 @@ class MedMetaDatastore(LocalDatastore):
             path,
             info,
         ):
-            label_id = self.revisions.save(
-                image_id,
-                label_tag,
-                lambda: current_label(self, image_id, label_tag),
-                lambda: LocalDatastore.save_label(self, image_id, path, label_tag, info),
-                reason,
-            )
-        self.saved_tags.record(image_id, label_tag)
-        return label_id
+            return store_label(self, image_id, path, label_tag, info, reason)
 
     def restore_label(self, image_id: str, label_tag: str, revision: int) -> str:
         """Save revision ``revision`` of an image's ``label_tag`` label as its current label; the label it
@@ -169,6 +162,25 @@ class MedMetaDatastore(LocalDatastore):
             HTTPException: 404 for an unknown image or revision.
         """
         return restore_label(self, image_id, label_tag, revision)
+
+
+def store_label(datastore: Any, image_id: str, path: str, tag: str, info: dict[str, Any], reason: str) -> str:
+    """Write a validated label with MONAI Label's :class:`LocalDatastore`, the label it replaces kept as a
+    revision (``datastore.revisions``), and note its tag for ``on_save_label`` (``datastore.saved_tags``);
+    shared by the local and the DICOMweb datastore.
+
+    Returns:
+        The datastore's label id.
+    """
+    label_id = datastore.revisions.save(
+        image_id,
+        tag,
+        lambda: current_label(datastore, image_id, tag),
+        lambda: LocalDatastore.save_label(datastore, image_id, path, tag, info),
+        reason,
+    )
+    datastore.saved_tags.record(image_id, tag)
+    return label_id
 
 
 def current_label(datastore: Datastore, image_id: str, tag: str) -> tuple[str, dict[str, Any]] | None:

@@ -29,7 +29,7 @@ from monailabel.datastore.utils.convert import nifti_to_dicom_seg
 from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from medmeta_plugin.app.datastore import current_label, restore_label, validated_label
+from medmeta_plugin.app.datastore import restore_label, store_label, validated_label
 from medmeta_plugin.app.revisions import RevisionStore, SavedTags
 from medmeta_plugin.io import read_label
 
@@ -98,15 +98,7 @@ class MedMetaDICOMWebDatastore(DICOMWebDatastore):
                     info["SeriesInstanceUID"] = dicom_web_upload_dcm(seg, self._client)
                     info["ReferencedSeriesInstanceUID"] = image_id
                     os.unlink(seg)
-            label_id = self.revisions.save(
-                image_id,
-                label_tag,
-                lambda: current_label(self, image_id, label_tag),
-                lambda: LocalDatastore.save_label(self, image_id, path, label_tag, info),
-                reason,
-            )
-        self.saved_tags.record(image_id, label_tag)
-        return label_id
+            return store_label(self, image_id, path, label_tag, info, reason)
 
     def series_dir(self, image_id: str) -> str:
         """The cached folder of a series' DICOM files (downloaded on first use)."""

@@ -107,8 +107,7 @@ def run_load_benchmark(submitters: int = 8, readers: int = 16, requests: int = 1
                     time.sleep(0.2)
 
         threads = [threading.Thread(target=submit, args=(i,)) for i in plan]
-        readers_ = [threading.Thread(target=read, args=(n,)) for n in share]
-        threads += readers_
+        threads += [threading.Thread(target=read, args=(n,)) for n in share]
         t0 = time.perf_counter()
         for t in threads:
             t.start()
