@@ -167,6 +167,7 @@ class MetaTrain(_StatsTrain):
         data = dataclasses.replace(
             base.data,
             real=(str(work / "datalist.json"),) if count else (),
+            real_cases=(),  # the recipe's list names its own datasets' cases: here all the datastore's
             synthetic_cases=int(request.get("synthetic_cases", 100)),
         )
         config = dataclasses.replace(
