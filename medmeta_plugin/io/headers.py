@@ -4,9 +4,11 @@ be refused before it costs memory."""
 
 from __future__ import annotations
 
+import bz2
 import re
+import zlib
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import nibabel as nib
 import nrrd
@@ -14,10 +16,14 @@ import numpy as np
 
 from medmeta_plugin.io.formats import file_format
 
-__all__ = ["DeclaredSize", "declared_size"]
+__all__ = ["DeclaredSize", "check_nrrd_inflation", "declared_size"]
 
 # A MetaImage header is a few hundred bytes of text before its data (or its data file's name).
 _MHA_HEADER_BYTES = 65536
+# Bytes read and inflated per step when a compressed NRRD's stream is measured.
+_CHUNK = 1 << 20
+# The widest NRRD sample type (double, int64): the most bytes a declared voxel can take.
+_MAX_SAMPLE_BYTES = 8
 
 
 class DeclaredSize(NamedTuple):
@@ -86,3 +92,64 @@ def declared_size(path: str | Path) -> DeclaredSize | None:
         return DeclaredSize(shape, _three(spacing, 1.0), channels)  # type: ignore[arg-type]
     except Exception:  # a header that does not parse: the full reader gives the diagnosis
         return None
+
+
+def check_nrrd_inflation(path: str | Path) -> None:
+    """Refuse a compressed NRRD whose data stream inflates to more than its header declares.
+
+    pynrrd inflates a gzip or bzip2 stream whole into memory before it compares it with the header, so a small
+    file behind a small header can still inflate to gigabytes. Here the stream is inflated a chunk at a time,
+    nothing kept, and the count stops as soon as it passes the most the header allows (its voxels at 8 bytes
+    each, plus its byte skip). Raw and text encodings, detached data that is not one plain file, and a header
+    that does not parse (the full reader says why) pass.
+
+    Raises:
+        ValueError: if the stream inflates to more, naming the file and both sizes.
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        try:
+            header = nrrd.read_header(fh)
+        except Exception:  # a header that does not parse: the full reader gives the diagnosis
+            return
+        encoding = str(header.get("encoding", "raw")).lower()
+        if encoding not in ("gzip", "gz", "bzip2", "bz2"):
+            return
+        detached = header.get("data file") or header.get("datafile")
+        sizes = [int(s) for s in header["sizes"]]
+        allowed = int(np.prod(sizes, dtype=np.float64)) * _MAX_SAMPLE_BYTES + max(
+            int(header.get("byte skip", 0)), 0
+        )
+        if detached is None:
+            _inflate_at_most(fh, encoding, allowed, path)
+            return
+    data_file = path.parent / str(detached)
+    if str(detached).upper().startswith("LIST") or " " in str(detached).strip() or not data_file.is_file():
+        return
+    with open(data_file, "rb") as fh:
+        _inflate_at_most(fh, encoding, allowed, data_file)
+
+
+def _inflate_at_most(fh: BinaryIO, encoding: str, allowed: int, path: Path) -> None:
+    gzip_stream = encoding in ("gzip", "gz")
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16) if gzip_stream else bz2.BZ2Decompressor()
+    total = 0
+    while chunk := fh.read(_CHUNK):
+        pending = chunk
+        while True:
+            total += len(inflater.decompress(pending, _CHUNK))
+            if total > allowed:
+                raise ValueError(
+                    f"{path}: its {encoding} data inflates to more than {allowed} bytes, the most its header "
+                    "declares; refused without reading it (a compressed file too large to be what it says)."
+                )
+            if gzip_stream:
+                pending = inflater.unconsumed_tail
+                if not pending or inflater.eof:
+                    break
+            else:
+                if inflater.needs_input or inflater.eof:
+                    break
+                pending = b""
+        if inflater.eof:
+            return

@@ -18,6 +18,7 @@ import numpy as np
 from medmeta_plugin.io.dicom import read_dicom_series
 from medmeta_plugin.io.formats import file_format, flip_lps_ras
 from medmeta_plugin.io.geometry import check_label_geometry
+from medmeta_plugin.io.headers import check_nrrd_inflation
 from medmeta_plugin.io.meta import ImageMeta
 
 __all__ = ["read_image", "read_label"]
@@ -177,6 +178,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
 
 def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
     """Read with pynrrd; the one non-spatial axis (kind ``vector``, ``list``, ...) if any becomes channels."""
+    check_nrrd_inflation(path)  # pynrrd would inflate a compressed stream whole, however large
     try:
         data, header = nrrd.read(str(path), index_order="F")
     except Exception as err:  # pynrrd raises NRRDError, ValueError, OSError, zlib.error

@@ -4,6 +4,8 @@ gigabytes), as an image upload, a label and a scan sent with an inference reques
 
 from __future__ import annotations
 
+import bz2
+import functools
 import io
 import resource
 import zlib
@@ -82,3 +84,59 @@ def test_oversized_uploads_get_a_4xx_and_nothing_is_stored(app_client, studies, 
         "/infer/medmeta", params={"output": "json"}, files={"file": ("scan.nii.gz", io.BytesIO(bomb))}
     )
     assert 400 <= response.status_code < 500, response.text
+
+
+@functools.cache
+def _zeros_stream(encoding: str, inflated: int) -> bytes:
+    """``inflated`` zero bytes compressed with ``encoding`` (gzip or bzip2), made once per run."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31) if encoding == "gzip" else bz2.BZ2Compressor(9)
+    chunk = bytes(1 << 24)
+    parts = [compressor.compress(chunk) for _ in range(inflated // len(chunk))]
+    return b"".join([*parts, compressor.flush()])
+
+
+def _nrrd_bomb(path: Path, encoding: str = "gzip", inflated: int = 1 << 30, detached: bool = False) -> Path:
+    """A NRRD whose header declares a 24^3 uint8 label on image ``a``'s grid and whose compressed data
+    inflates to ``inflated`` bytes (pynrrd would inflate all of it before comparing)."""
+    header = (
+        f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 24 24 24\nencoding: {encoding}\n"
+        "space: right-anterior-superior\nspace directions: (2,0,0) (0,2,0) (0,0,2)\nspace origin: (0,0,0)\n"
+    )
+    data = _zeros_stream(encoding, inflated)
+    if detached:
+        (path.parent / f"{path.stem}.raw.gz").write_bytes(data)
+        path.write_text(header + f"data file: {path.stem}.raw.gz\n\n")
+    else:
+        path.write_bytes((header + "\n").encode() + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "encoding, detached",
+    [("gzip", False), ("gzip", True), ("bzip2", False)],
+    ids=["gzip", "detached", "bzip2"],
+)
+def test_a_nrrd_whose_stream_inflates_past_its_header_is_refused_unread(
+    tmp_path: Path, encoding: str, detached: bool
+) -> None:
+    from medmeta_plugin.io import read_label
+
+    suffix = ".nhdr" if detached else ".nrrd"
+    bomb = _nrrd_bomb(
+        tmp_path / f"bomb{suffix}", encoding, (1 << 30) if encoding == "gzip" else 1 << 27, detached
+    )
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match="inflates to more than .* bytes, the most its header declares"):
+        read_label(bomb)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 100, "nothing was inflated"
+    # The same file whose stream is what the header says reads as usual.
+    meta = ImageMeta((2.0, 2.0, 2.0), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)), (24, 24, 24))
+    fine = write_image(tmp_path / "fine.nrrd", np.ones((1, 24, 24, 24), np.uint8), meta)
+    assert read_label(fine)[0].sum() == 24**3
+
+
+def test_a_nrrd_bomb_label_is_a_400_and_stores_nothing(app_client, studies, tmp_path: Path) -> None:
+    bomb = _nrrd_bomb(tmp_path / "label.nrrd")
+    response = save_label(app_client, "a", bomb, [{"name": "ball", "idx": 1}])
+    assert response.status_code == 400 and "inflates to more than" in response.json()["detail"], response.text
+    assert app_client.get("/datastore/", params={"output": "all"}).json()["objects"]["a"]["labels"] == {}
