@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import resource
+from collections.abc import Iterator
+
 import pytest
 import torch
 
 from medmeta_plugin.networks import BackboneConfig, MetaModel
 
 TINY = BackboneConfig(features=(8, 16, 16), norm="group", groups=4)
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int) -> Iterator[None]:
+    """A full disk for this process, as the kernel makes one: within the block no file can grow past
+    ``nbytes`` (``RLIMIT_FSIZE``; Python ignores SIGXFSZ, so a write past it fails with ``EFBIG``)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def blob_cases(n: int, seed: int, size: int = 16) -> list[dict[str, torch.Tensor]]:

@@ -27,6 +27,7 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
 from medmeta_plugin.app.adapting import Example
+from medmeta_plugin.app.datastore_writes import answer_no_space, write_datastore_file, write_label
 from medmeta_plugin.app.grid import check_size
 from medmeta_plugin.app.labels import Submission, VolumeTarget, parse_label_params, validate_label_file
 from medmeta_plugin.app.revisions import RevisionStore, SavedTags
@@ -130,7 +131,18 @@ class MedMetaDatastore(LocalDatastore):
             raise HTTPException(400, f"image upload refused: {err}") from err
         if image_id in self._datastore.objects:
             raise HTTPException(409, f"image {image_id!r} already exists; upload it under another id.")
-        return super().add_image(image_id, image_filename, image_info)
+        _, ext = self._to_id(os.path.basename(image_filename))
+        dest = Path(self._datastore.image_path()) / self._filename(image_id, ext)
+        with answer_no_space(f"image {image_id!r}"):
+            try:
+                return super().add_image(image_id, image_filename, image_info)
+            except BaseException:  # MONAI Label copies in place, then writes the index: neither is whole
+                self._datastore.objects.pop(image_id, None)
+                dest.unlink(missing_ok=True)
+                raise
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        write_datastore_file(self, lock)
 
     def save_label(
         self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]
@@ -165,20 +177,22 @@ class MedMetaDatastore(LocalDatastore):
 
 
 def store_label(datastore: Any, image_id: str, path: str, tag: str, info: dict[str, Any], reason: str) -> str:
-    """Write a validated label with MONAI Label's :class:`LocalDatastore`, the label it replaces kept as a
-    revision (``datastore.revisions``), and note its tag for ``on_save_label`` (``datastore.saved_tags``);
-    shared by the local and the DICOMweb datastore.
+    """Write a validated label as MONAI Label's :class:`LocalDatastore` does, but atomically
+    (:func:`~medmeta_plugin.app.datastore_writes.write_label`; a full disk is a 507), the label it
+    replaces kept as a revision (``datastore.revisions``), and note its tag for ``on_save_label``
+    (``datastore.saved_tags``); shared by the local and the DICOMweb datastore.
 
     Returns:
         The datastore's label id.
     """
-    label_id = datastore.revisions.save(
-        image_id,
-        tag,
-        lambda: current_label(datastore, image_id, tag),
-        lambda: LocalDatastore.save_label(datastore, image_id, path, tag, info),
-        reason,
-    )
+    with answer_no_space(f"the {tag!r} label of image {image_id!r}"):
+        label_id = datastore.revisions.save(
+            image_id,
+            tag,
+            lambda: current_label(datastore, image_id, tag),
+            lambda: write_label(datastore, image_id, path, tag, info),
+            reason,
+        )
     datastore.saved_tags.record(image_id, tag)
     return label_id
 

@@ -30,6 +30,7 @@ from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from medmeta_plugin.app.datastore import restore_label, store_label, validated_label
+from medmeta_plugin.app.datastore_writes import write_datastore_file
 from medmeta_plugin.app.revisions import RevisionStore, SavedTags
 from medmeta_plugin.io import read_label
 
@@ -56,6 +57,9 @@ class MedMetaDICOMWebDatastore(DICOMWebDatastore):
         self._locks.mkdir(parents=True, exist_ok=True)
         # The local copies of labels (the older DICOM SEG instances stay in the PACS as they are).
         self.revisions = RevisionStore(self._datastore_path + ".revisions", max_revisions)
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        write_datastore_file(self, lock)
 
     @contextmanager
     def _series_lock(self, series_id: str) -> Iterator[None]:

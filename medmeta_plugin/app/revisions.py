@@ -15,7 +15,6 @@ see the same "current" label and drop one of them.
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -27,7 +26,7 @@ from urllib.parse import quote
 
 from filelock import FileLock
 
-from medmeta_plugin.atomic import atomic_write_bytes
+from medmeta_plugin.atomic import atomic_copy, atomic_write_bytes
 
 __all__ = ["Revision", "RevisionStore", "SavedTags"]
 
@@ -144,10 +143,7 @@ class RevisionStore:
         number = max(existing, default=0) + 1
         source = Path(label_file)
         suffix = "".join(source.suffixes) or ".nii.gz"
-        kept = folder / f"r{number:04d}{suffix}"
-        partial = folder / f".{kept.name}.partial"
-        shutil.copyfile(source, partial)
-        partial.replace(kept)  # the file first, then its record: a record always has its file
+        kept = atomic_copy(source, folder / f"r{number:04d}{suffix}")  # the file first: a record has its file
         revision = Revision(number, time.time(), kept, dict(info), reason)
         record = {
             "revision": number,
@@ -156,7 +152,11 @@ class RevisionStore:
             "info": revision.info,
             "reason": reason,
         }
-        atomic_write_bytes(folder / f"r{number:04d}.json", json.dumps(record, default=str).encode())
+        try:
+            atomic_write_bytes(folder / f"r{number:04d}.json", json.dumps(record, default=str).encode())
+        except BaseException:  # no record (the disk is full): no orphan file either
+            kept.unlink(missing_ok=True)
+            raise
         if self.max_revisions:
             for old in self.list(image_id, tag)[: -self.max_revisions]:
                 self._remove(old, folder)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from monailabel.datastore.local import LocalDatastore
 
 from medmeta_plugin.app.datastore import MedMetaDatastore, current_label
 from medmeta_plugin.app.revisions import RevisionStore, SavedTags
@@ -93,23 +92,6 @@ def test_a_restore_is_undone_by_restoring_the_label_it_replaced(tmp_path: Path) 
     np.testing.assert_array_equal(_current(store), second_label[0])
     with pytest.raises(Exception, match="no revision 9"):
         store.restore_label("a", "final", 9)
-
-
-def test_a_failed_write_keeps_the_current_label_and_no_revision(tmp_path: Path, monkeypatch) -> None:
-    store = _studies(tmp_path)
-    first, first_label = _label(tmp_path, 2)
-    store.save_label("a", str(first), "final", dict(INFO))
-
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(LocalDatastore, "save_label", disk_full)
-    second, _ = _label(tmp_path, 5)
-    with pytest.raises(OSError, match="No space"):
-        store.save_label("a", str(second), "final", dict(INFO))
-    monkeypatch.undo()
-    np.testing.assert_array_equal(_current(store), first_label[0])
-    assert store.revisions.list("a", "final") == [], "the copy made for the failed save is taken back"
 
 
 def test_max_revisions_keeps_the_newest(tmp_path: Path) -> None:
