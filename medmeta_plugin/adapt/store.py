@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from medmeta_plugin.atomic import out_of_space
 from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks import MetaModel, TaskAdapter, load_adapter, save_adapter
 
@@ -66,13 +67,27 @@ class AdapterStore:
     def save(
         self, model: MetaModel, task: str, shots: int | None = None, extra: dict[str, Any] | None = None
     ) -> int:
-        """Write ``model``'s adapter of ``task`` as a new version and return its number."""
+        """Write ``model``'s adapter of ``task`` as a new version and return its number.
+
+        Raises:
+            OSError: if the version does not fit on the disk (nothing of it is left; the message says so).
+        """
         with self._lock:
             on_disk = [
                 int(p.stem[1:]) for p in (self.root / task).glob("v*.safetensors") if p.stem[1:].isdigit()
             ]
             version = max([0, *self.versions(task), *on_disk]) + 1
-            save_adapter(model, task, self.root / task, shots=shots, extra=extra, stem=f"v{version:04d}")
+            try:
+                save_adapter(model, task, self.root / task, shots=shots, extra=extra, stem=f"v{version:04d}")
+            except OSError as err:
+                if not out_of_space(err):
+                    raise
+                raise OSError(
+                    err.errno,
+                    f"no space to write version {version} of adapter {task!r} in {self.root / task} "
+                    f"({err.strerror}); nothing of it was kept and the previous version still serves. "
+                    "Free space and save a label again",
+                ) from err
         return version
 
     def load_latest(self, model: MetaModel, task: str) -> tuple[TaskAdapter, int] | None:

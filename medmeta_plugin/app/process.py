@@ -116,6 +116,7 @@ def running_server(
     conf: list | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 120.0,
+    launcher: list[str] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """A server process on a free 127.0.0.1 port for the ``with`` block (benchmarks and tests).
 
@@ -124,6 +125,8 @@ def running_server(
         log: file the server's output is appended to (its tail is in the error if it does not start).
         env: extra environment variables.
         timeout: seconds to wait for ``/info/``.
+        launcher: a command the server's command line is appended to, which must end by running it as the
+            same process (``exec "$@"``), e.g. a mount namespace with a small disk for fault tests.
 
     Yields:
         ``(url, process)``; the process is terminated (killed after 20 s) when the block ends, unless the
@@ -137,7 +140,7 @@ def running_server(
     url = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
     with open(log, "a") as out:
         process = subprocess.Popen(
-            command, env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent
+            [*(launcher or []), *command], env=full_env, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent
         )
     try:
         deadline = time.monotonic() + timeout

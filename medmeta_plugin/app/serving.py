@@ -24,6 +24,7 @@ from medmeta_plugin.adapt.store import AdapterStore
 from medmeta_plugin.app.config import AppConfig
 from medmeta_plugin.app.features import FeatureCache
 from medmeta_plugin.app.grid import WorkingVolume
+from medmeta_plugin.atomic import check_writable
 from medmeta_plugin.networks import BackboneOutput, MetaModel, TaskAdapter, backbone_hash, load_backbone
 
 __all__ = ["Serving", "resolve_device"]
@@ -52,8 +53,9 @@ class Serving:
 
     def __init__(self, config: AppConfig, model_dir: str | Path, features: FeatureCache) -> None:
         self.config = config
-        self.model_dir = Path(model_dir)
-        self.model_dir.mkdir(parents=True, exist_ok=True)
+        # Adapters, sessions and a datastore-trained backbone are written here: refuse a read-only or full
+        # disk now, not at the first label.
+        self.model_dir = check_writable(model_dir, "the app's model folder")
         self.device = features.device
         self._features = features
         self._lock = threading.RLock()

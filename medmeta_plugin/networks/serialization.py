@@ -59,7 +59,13 @@ def _write_pair(weights_path: Path, tensors: dict[str, torch.Tensor], meta: dict
     blob = st_save(tensors, metadata={"format": str(meta["format"])})
     meta = {**meta, "weights_file": weights_path.name, "weights_sha256": hashlib.sha256(blob).hexdigest()}
     atomic_write_bytes(weights_path, blob)
-    atomic_write_bytes(weights_path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True).encode())
+    try:
+        atomic_write_bytes(
+            weights_path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True).encode()
+        )
+    except BaseException:  # the pair is incomplete (the disk is full): leave no weights without their record
+        weights_path.unlink(missing_ok=True)
+        raise
 
 
 def _read_pair(

@@ -9,6 +9,7 @@ import torch
 
 from medmeta_plugin.adapt.store import AdapterStore
 from medmeta_plugin.networks import MetaModel
+from tests.conftest import file_size_limit
 
 
 def _fit(model: MetaModel, task: str, value: float) -> None:
@@ -156,3 +157,25 @@ def test_sigkill_while_writing_leaves_a_loadable_store(tmp_path: Path) -> None:
         for path in (store_dir / "liver").glob("v*.json"):
             assert path.read_text().rstrip().endswith("}")  # every named metadata file is complete
     assert loaded_versions == sorted(loaded_versions) and loaded_versions[-1] > loaded_versions[0]
+
+
+def test_a_version_the_disk_cannot_hold_leaves_nothing_and_the_previous_serves(
+    tmp_path: Path, tiny_model: MetaModel
+) -> None:
+    """A real full disk (``RLIMIT_FSIZE``) at the weights and at the record: a clear error, no file of the
+    failed version, the previous version loads, and the next save once there is room is version 2."""
+    store = AdapterStore(tmp_path)
+    _fit(tiny_model, "liver", 1.0)
+    store.save(tiny_model, "liver", extra={"report": "x" * 20_000})
+    folder = tmp_path / "liver"
+    weights, record = (folder / "v0001.safetensors").stat().st_size, (folder / "v0001.json").stat().st_size
+    assert weights < record, "the record is padded to fail after the weights were written"
+    _fit(tiny_model, "liver", 2.0)
+    for limit in (weights // 2, (weights + record) // 2):  # the weights fail; the weights fit, the record not
+        with file_size_limit(limit), pytest.raises(OSError, match="no space to write version 2 of adapter"):
+            store.save(tiny_model, "liver", extra={"report": "y" * 20_000})
+        assert sorted(p.name for p in folder.iterdir()) == ["v0001.json", "v0001.safetensors"], limit
+        fresh = MetaModel(backbone=tiny_model.backbone)
+        assert store.restore(fresh) == {"liver": 1}
+        assert float(fresh.task("liver").head.conv.bias) == 1.0
+    assert store.save(tiny_model, "liver", extra={"report": "y" * 20_000}) == 2
