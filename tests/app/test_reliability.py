@@ -14,12 +14,19 @@ from monailabel.client import MONAILabelClient
 from medmeta_plugin.app.config import parse_conf
 from medmeta_plugin.app.engine import Engine
 from medmeta_plugin.app.process import copy_app, running_server
+from tests.app.test_upload_limits import _bomb, _nrrd_bomb
 
 LABEL_INFO = [{"name": "ball", "idx": 1}, {"name": "box", "idx": 2}]
 
 
 def _app(tmp_path: Path) -> Path:
     return copy_app(tmp_path / "app")
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """A process's peak resident memory so far (``VmHWM``), in MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
 
 
 def _info(url: str) -> dict:
@@ -94,9 +101,11 @@ def test_bad_input_over_http_leaves_the_server_serving(tmp_path: Path, studies: 
         ImageMeta((1.0,) * 3, (0.0,) * 3, GEOMETRIES["ras"].direction, (8, 8, 8)),
     )
 
+    nifti_bomb = _bomb(tmp_path / "bomb.nii.gz", (512, 512, 512))  # 128 MiB inflated
+    nrrd_bomb = _nrrd_bomb(tmp_path / "bomb.nrrd")  # a 24^3 header, 1 GiB inflated
     log, conf = tmp_path / "server.log", [["max_voxels", "20000"]]
     env = {"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
-    with running_server(str(folder), _app(tmp_path), log, conf=conf, env=env) as (url, _):
+    with running_server(str(folder), _app(tmp_path), log, conf=conf, env=env) as (url, process):
         label_info = json.dumps({"label_info": LABEL_INFO})
         requests.put(
             f"{url}/datastore/label",
@@ -164,6 +173,19 @@ def test_bad_input_over_http_leaves_the_server_serving(tmp_path: Path, studies: 
                 400,
                 "max_voxels",
             ),
+            # Bombs: refused from the header or while counting the inflated stream, nothing inflated.
+            (lambda: label("a", nifti_bomb, label_info), 400, "declares"),
+            (lambda: label("a", nrrd_bomb, label_info), 400, "inflates to more than"),
+            (
+                lambda: requests.put(
+                    f"{url}/datastore/",
+                    params={"image": "bomb"},
+                    files={"file": ("bomb.nii.gz", io.BytesIO(nifti_bomb.read_bytes()))},
+                    timeout=60,
+                ),
+                413,
+                "declares",
+            ),
             (lambda: requests.post(f"{url}/infer/nope", params={"image": "a"}, timeout=30), 404, "nope"),
             (lambda: requests.post(f"{url}/train/nope", timeout=30), 404, "nope"),
             (lambda: requests.post(f"{url}/activelearning/nope", timeout=30), 404, "nope"),
@@ -173,6 +195,7 @@ def test_bad_input_over_http_leaves_the_server_serving(tmp_path: Path, studies: 
         while set(_info(url)["medmeta"]["adapters"]) != {"ball", "box"}:
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.3)
+        peak = _peak_rss_mb(process.pid)
         for call, status, needle in cases:
             response = call()
             assert response.status_code == status, (needle, response.status_code, response.text[:300])
@@ -182,6 +205,8 @@ def test_bad_input_over_http_leaves_the_server_serving(tmp_path: Path, studies: 
             p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != "datastore_v2.json"
         }
         assert after == snapshot  # nothing stored changed
+        grown = _peak_rss_mb(process.pid) - peak
+        assert grown < 300, f"the server's peak memory grew {grown:.0f} MB: a bomb was inflated"
 
 
 @pytest.mark.slow
