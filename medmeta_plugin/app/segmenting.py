@@ -83,7 +83,8 @@ class Segmentation:
         labels: label map on the scan's own grid, shape (1, X, Y, Z), uint8 (uint16 beyond 255 structures).
         names: ``{structure: value}`` of the structures segmented.
         meta: the scan's geometry (to write ``labels`` with).
-        seconds: wall time per stage.
+        seconds: wall time per stage: ``scan``, ``priors``, ``backbone``, ``heads`` (the parts of ``model``,
+            everything up to the probabilities) and ``resample`` (back to the scan's grid).
         provenance: ``{structure: Provenance}``: how each answer was found and how sure it is.
     """
 
@@ -214,6 +215,7 @@ class Segmenter:
         image: str | Path,
         volume: WorkingVolume,
         base: Callable[[], BackboneOutput],
+        seconds: dict[str, float] | None = None,
     ) -> tuple[torch.Tensor, Provenance]:
         """A structure's logits on the unpadded working grid, (X, Y, Z), and how they were found.
 
@@ -222,7 +224,10 @@ class Segmenter:
         (:func:`head_region`: the carried structure and 6 mm around it), not on the whole scan. Without one
         the head answers. ``base`` gives the scan's backbone output; it is called only when a head runs.
         """
+        t0 = time.perf_counter()
         served, found = self._find(name, image, volume)
+        if seconds is not None:
+            seconds["priors"] = seconds.get("priors", 0.0) + time.perf_counter() - t0
         if served is None:
             return volume.crop(self._task_output(task, volume, base()))[0, 0].float().cpu(), found
         prior, distance = served.prior, served.distance
@@ -277,21 +282,36 @@ class Segmenter:
         self, image: str | Path, tasks: Sequence[str] | None
     ) -> tuple[WorkingVolume, dict[str, torch.Tensor], dict[str, Provenance]]:
         """:meth:`probabilities` and each structure's :class:`Provenance`."""
+        return self._timed_answers(image, tasks, {})
+
+    def _timed_answers(
+        self, image: str | Path, tasks: Sequence[str] | None, seconds: dict[str, float]
+    ) -> tuple[WorkingVolume, dict[str, torch.Tensor], dict[str, Provenance]]:
+        """:meth:`_answers`, adding the wall time of its stages to ``seconds``: ``scan`` (reading it and its
+        working grid), ``priors`` (placement, registration and carrying of every structure's masks),
+        ``backbone`` and ``heads``."""
         start = time.perf_counter()
         chosen = self._select(self._serving.tasks("segmentation"), tasks)
         # The backbone runs only if a head does: structures answered by their atlas prior need the scan alone.
         volume = self._features.volume(image, self._serving.divisor)
+        seconds["scan"] = time.perf_counter() - start
+        seconds["priors"] = seconds["backbone"] = 0.0
         computed: list[BackboneOutput] = []
 
         def base() -> BackboneOutput:
             if not computed:
+                t0 = time.perf_counter()
                 computed.append(self._serving.working(image)[1])
+                seconds["backbone"] += time.perf_counter() - t0
             return computed[0]
 
         probs, found = {}, {}
+        t_structures = time.perf_counter()
         for name, task in chosen.items():
-            logits, found[name] = self._segmentation_logits(name, task, image, volume, base)
+            logits, found[name] = self._segmentation_logits(name, task, image, volume, base, seconds)
             probs[name] = torch.sigmoid(logits)
+        spent = time.perf_counter() - t_structures
+        seconds["heads"] = max(0.0, spent - seconds["priors"] - seconds["backbone"])
         logger.debug("probabilities for %d structures in %.2f s", len(probs), time.perf_counter() - start)
         return volume, probs, found
 
@@ -314,7 +334,8 @@ class Segmenter:
             ValueError: for an unreadable or too large scan, or a name in ``tasks`` that has no adapter.
         """
         start = time.perf_counter()
-        volume, probs, found = self._answers(image, tasks)
+        seconds: dict[str, float] = {}
+        volume, probs, found = self._timed_answers(image, tasks, seconds)
         mid = time.perf_counter()
         for name, how in found.items():
             confidence = "-" if how.confidence is None else f"{how.confidence:.3f}"
@@ -341,7 +362,7 @@ class Segmenter:
             best = torch.where(better, p, best)
             labels[better] = values[name]
         out = to_original_grid(labels.numpy().astype(dtype), volume)
-        seconds = {"model": mid - start, "resample": time.perf_counter() - mid}
+        seconds = {**seconds, "model": mid - start, "resample": time.perf_counter() - mid}
         return Segmentation(labels=out, names=values, meta=volume.original, seconds=seconds, provenance=found)
 
     @torch.no_grad()
