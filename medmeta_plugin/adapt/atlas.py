@@ -302,10 +302,13 @@ def prior_logits(prior: np.ndarray, affine: np.ndarray) -> np.ndarray:
     Returns:
         Log-odds, shape (X, Y, Z), float32 (``-PRIOR_CAP`` everywhere when the prior is below 0.5 everywhere).
     """
-    distance = signed_distance_mm(np.asarray(prior) >= 0.5, affine)
+    half_voxel = float(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0).min()) / 2
+    # Only distances up to the cap matter: beyond it the log-odds are +-PRIOR_CAP whatever they are.
+    limit = PRIOR_CAP * PRIOR_MM_PER_LOGIT + 2 * half_voxel + 1.0
+    distance = signed_distance_mm(np.asarray(prior) >= 0.5, affine, limit_mm=limit)
     # The distance map puts the mask's outermost voxels at 0 and their outside neighbours at one voxel:
     # half a voxel in between is where the boundary lies.
-    distance -= float(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0).min()) / 2
+    distance -= half_voxel
     return np.clip(-distance / PRIOR_MM_PER_LOGIT, -PRIOR_CAP, PRIOR_CAP).astype(np.float32)
 
 

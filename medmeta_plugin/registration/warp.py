@@ -89,7 +89,7 @@ def warp_to(
     return from_itk(warped, shape)
 
 
-def signed_distance_mm(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+def signed_distance_mm(mask: np.ndarray, affine: np.ndarray, limit_mm: float | None = None) -> np.ndarray:
     """Signed distance to a mask's boundary in mm: negative inside, 0 on the mask's outermost voxels.
 
     The boundary is the mask's voxels with one of their 26 neighbours outside it (beyond the grid's edge
@@ -99,18 +99,41 @@ def signed_distance_mm(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
     Args:
         mask: binary mask, shape (X, Y, Z); affine: its 4x4 voxel-to-world matrix (RAS, mm).
+        limit_mm: if given, distances are clipped to [-limit_mm, limit_mm]. They are then computed only in
+            the mask's bounding box grown by the limit (every boundary voxel lies in the box, so what is
+            inside it is exact and what is outside is farther than the limit): a structure that fills a
+            small part of a large grid costs a small part of the time.
 
     Returns:
         Distances, shape (X, Y, Z), float32; +inf everywhere for an empty mask, -inf for one that fills the
-        grid.
+        grid (``+limit_mm`` and ``-limit_mm`` with a limit).
     """
     mask = np.asarray(mask) > 0
+    far = np.inf if limit_mm is None else float(limit_mm)
     if not mask.any():
-        return np.full(mask.shape, np.inf, np.float32)
-    interior = scipy.ndimage.binary_erosion(mask, structure=np.ones((3, 3, 3), bool), border_value=1)
-    boundary = mask & ~interior
-    if not boundary.any():
-        return np.full(mask.shape, -np.inf, np.float32)
+        return np.full(mask.shape, far, np.float32)
     spacing = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    box = tuple(slice(None) for _ in range(3))
+    if limit_mm is not None:
+        if limit_mm <= 0:
+            raise ValueError(f"limit_mm must be > 0, got {limit_mm}.")
+        grow = np.ceil(limit_mm / spacing).astype(int) + 1
+        nonzero = np.nonzero(mask)
+        box = tuple(
+            slice(max(0, int(i.min()) - g), min(n, int(i.max()) + g + 1))
+            for i, g, n in zip(nonzero, grow, mask.shape)
+        )
+    # The grid's own edges stay edges of the box (a box edge inside the grid has no mask voxel on it), so the
+    # erosion below sees the same neighbourhoods as on the whole grid.
+    part = mask[box]
+    interior = scipy.ndimage.binary_erosion(part, structure=np.ones((3, 3, 3), bool), border_value=1)
+    boundary = part & ~interior
+    if not boundary.any():
+        return np.full(mask.shape, -far, np.float32)
     distance = scipy.ndimage.distance_transform_edt(~boundary, sampling=spacing).astype(np.float32)
-    return np.where(mask, -distance, distance)
+    inside = np.where(part, -distance, distance)
+    if limit_mm is None:
+        return inside
+    out = np.full(mask.shape, far, np.float32)
+    out[box] = np.clip(inside, -far, far)
+    return out

@@ -99,6 +99,28 @@ def test_signed_distance_is_in_mm_and_negative_inside(spacing: tuple[float, floa
     assert (signed_distance_mm(np.ones((4, 4, 4)), np.eye(4)) == -np.inf).all()  # all inside, no boundary
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_limited_signed_distance_is_the_whole_map_clipped(seed: int) -> None:
+    """With ``limit_mm`` the map is computed in the mask's grown bounding box only: it must equal the whole
+    map clipped, for small and large structures, near the grid's edges and away from them."""
+    rng = np.random.default_rng(seed)
+    spacing = tuple(rng.uniform(0.5, 3.0, 3))
+    shape = tuple(int(n) for n in rng.integers(12, 40, 3))
+    mask = np.zeros(shape, dtype=bool)
+    lo = [int(rng.integers(0, n - 2)) for n in shape]
+    hi = [int(rng.integers(a + 1, min(n, a + 12) + 1)) for a, n in zip(lo, shape)]
+    mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
+    mask &= rng.random(shape) > 0.1  # holes: boundaries inside the box too
+    affine = np.diag([*spacing, 1.0])
+    limit = float(rng.uniform(2.0, 20.0))
+    whole = signed_distance_mm(mask, affine)
+    limited = signed_distance_mm(mask, affine, limit_mm=limit)
+    np.testing.assert_allclose(limited, np.clip(whole, -limit, limit), atol=1e-5)
+    assert (signed_distance_mm(np.zeros((4, 4, 4)), np.eye(4), limit_mm=5.0) == 5.0).all()
+    with pytest.raises(ValueError, match="limit_mm"):
+        signed_distance_mm(mask, affine, limit_mm=0.0)
+
+
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.7, 1.5, 3.0)])
 def test_signed_distance_equals_itks_signed_maurer_map(spacing: tuple[float, float, float]) -> None:
     """SciPy's transform stands in for ITK's (whose modules take seconds to load): the same map."""
