@@ -233,7 +233,7 @@ def place(
     for rotation_deg in config.rotations:
         rotation = rotation_matrix(rotation_deg)
         grid = grid_f if stats is None else _rotated(grid_f, rotation, centre, config.bins)
-        maps = shift_maps(grid, correlator, spectra, config.bins)
+        maps = shift_maps(grid, correlator, spectra, config.bins, config.min_overlap * smaller)
         valid = maps.body_overlap >= config.min_overlap * smaller
         if not valid.any():
             continue

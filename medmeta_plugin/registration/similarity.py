@@ -80,7 +80,8 @@ class ShiftMaps:
     """Similarity of the two grids at every shift, each of shape :attr:`Correlator.size`.
 
     Attributes:
-        mutual_information: of the intensity classes over the overlap of the fields of view (nats).
+        mutual_information: of the intensity classes over the overlap of the fields of view (nats); 0 at the
+            shifts whose body overlap is below the ``min_body`` of :func:`shift_maps`.
         gradients: normalised gradient fields' squared cosine over the overlap, in [0, 1].
         body_overlap: voxels of body in both scans.
     """
@@ -127,31 +128,38 @@ class MovingSpectra:
         normal = _normalised_gradient(moving)
         self.products = torch.stack([correlator.spectrum(p) for p in _gradient_products(normal)])
         self.fov = correlator.spectrum(moving.fov.float())
+        self.body = correlator.spectrum(moving.body & moving.fov)
         self.energy = correlator.spectrum(normal.square().sum(0))
 
 
-def shift_maps(fixed: SearchGrid, correlator: Correlator, moving: MovingSpectra, bins: int) -> ShiftMaps:
+def shift_maps(
+    fixed: SearchGrid, correlator: Correlator, moving: MovingSpectra, bins: int, min_body: float = 0.0
+) -> ShiftMaps:
     """:class:`ShiftMaps` of a fixed grid against a moving one's :class:`MovingSpectra`.
 
     The joint histogram is never held whole (bins^2 maps): MI is accumulated one fixed class at a time as
-    ``log N + (sum C log C - sum A log A - sum B log B) / N`` over counts C, their marginals A and B.
+    ``log N + (sum C log C - sum A log A - sum B log B) / N`` over counts C, their marginals A and B, and only
+    at the shifts whose body overlap reaches ``min_body`` voxels (the only ones a caller scores; MI is 0
+    elsewhere): the logarithms are most of the work.
     """
     size, dims = correlator.size, (1, 2, 3)
-    cross = torch.zeros(size)
-    fixed_marginal = torch.zeros(size)
-    moving_marginal = torch.zeros((bins, *size))
-    body = torch.zeros(size)
+    # Body overlap first, from the two bodies directly (the sum of the body classes' counts, by linearity).
+    body = correlator.correlate(correlator.spectrum(fixed.body & fixed.fov), moving.body).clamp_(min=0)
+    keep = (body >= min_body).view(-1).nonzero().squeeze(1)
+    cross = torch.zeros(keep.numel())
+    fixed_marginal = torch.zeros(keep.numel())
+    moving_marginal = torch.zeros((bins, keep.numel()))
     for b in range(bins):
         spectrum = correlator.spectrum((fixed.bins == b) & fixed.fov)
-        counts = torch.fft.irfftn(torch.conj(spectrum)[None] * moving.classes, s=size, dim=dims).clamp_(min=0)
+        counts = torch.fft.irfftn(torch.conj(spectrum)[None] * moving.classes, s=size, dim=dims)
+        counts = counts.view(bins, -1)[:, keep].clamp_(min=0)
         cross += _xlogx(counts).sum(0)
-        if b > 0:  # body classes of both scans: the overlap the minimum is checked on
-            body += counts[1:].sum(0)
         fixed_marginal += _xlogx(counts.sum(0))
         moving_marginal += counts
-    total = moving_marginal.sum(0)
+    total = moving_marginal.sum(0).clamp(min=1.0)
     cross = cross - fixed_marginal - _xlogx(moving_marginal).sum(0)
-    mutual_information = torch.log(total.clamp(min=1.0)) + cross / total.clamp(min=1.0)
+    mutual_information = torch.zeros(size)
+    mutual_information.view(-1)[keep] = torch.log(total) + cross / total
     normal = _normalised_gradient(fixed)
     products = torch.stack([correlator.spectrum(p) for p in _gradient_products(normal)])
     agreement = torch.fft.irfftn((torch.conj(products) * moving.products).sum(0), s=size)

@@ -185,3 +185,20 @@ def test_resample_grid_through_the_identity_returns_the_grid(pairs) -> None:
     image, classes, fov = resample_grid(grid, grid, np.eye(4))
     np.testing.assert_allclose(image.numpy(), grid.image.numpy(), atol=1e-5)
     assert bool((classes == grid.bins).all()) and bool((fov == grid.fov).all())
+
+
+@pytest.mark.parametrize("pair", ["two-bodies", "slab-in-body", "body-around-slab"])
+def test_mutual_information_only_where_bodies_overlap_equals_the_whole_map_there(pairs, pair) -> None:
+    """``min_body`` skips the logarithms of the shifts nobody scores: where bodies overlap by at least it,
+    MI is what the whole map holds; elsewhere 0; the other maps are untouched."""
+    fixed, moving = pairs[pair]
+    correlator, whole = _maps(fixed, moving)
+    spectra = MovingSpectra(moving, correlator, BINS)
+    least = 0.3 * min(float(fixed.body.sum()), float(moving.body.sum()))
+    kept = shift_maps(fixed, correlator, spectra, BINS, min_body=least)
+    where = whole.body_overlap >= least
+    assert 0 < int(where.sum()) < where.numel()
+    torch.testing.assert_close(kept.body_overlap, whole.body_overlap)
+    torch.testing.assert_close(kept.gradients, whole.gradients)
+    torch.testing.assert_close(kept.mutual_information[where], whole.mutual_information[where])
+    assert (kept.mutual_information[~where] == 0).all()
