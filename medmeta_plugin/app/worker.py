@@ -43,8 +43,6 @@ class AdaptationWorker:
         self._cond = threading.Condition()
         self._pending: list[str] = []
         self._running: str | None = None
-        self._requested: dict[str, int] = {}
-        self._done: dict[str, int] = {}
         self._status: dict[str, dict[str, Any]] = {}
         self._idle_work = idle_fn is not None
         self._stop = False
@@ -72,7 +70,6 @@ class AdaptationWorker:
         tasks = list(dict.fromkeys(tasks))
         with self._cond:
             for task in tasks:
-                self._requested[task] = self._requested.get(task, 0) + 1
                 if task not in self._pending:
                     self._pending.append(task)
                 self._status.setdefault(task, {})["state"] = "running" if task == self._running else "pending"
@@ -112,7 +109,6 @@ class AdaptationWorker:
                 else:
                     task = self._pending.pop(0)
                     self._running = task
-                    generation = self._requested.get(task, 0)
                     self._status.setdefault(task, {})["state"] = "running"
             if task is None:
                 self._run_idle()
@@ -128,7 +124,6 @@ class AdaptationWorker:
             outcome["finished"] = time.time()
             with self._cond:
                 self._running = None
-                self._done[task] = generation
                 status = self._status.setdefault(task, {})
                 if outcome["state"] == "failed":
                     status.update({k: v for k, v in outcome.items() if k in ("error", "seconds", "finished")})

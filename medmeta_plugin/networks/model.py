@@ -12,7 +12,7 @@ gradient steps on copies while inference keeps serving the stored adapter.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -140,11 +140,6 @@ class MetaModel(nn.Module):
             raise ValueError(f"unknown task {name!r}; known tasks: {sorted(self.tasks) or 'none'}.")
         return self.tasks[name]
 
-    def remove_task(self, name: str) -> None:
-        """Remove a task's adapter (``ValueError`` if unknown)."""
-        self.task(name)
-        del self.tasks[name]
-
     def _device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
@@ -157,11 +152,6 @@ class MetaModel(nn.Module):
     def fast_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """One task's adapter and head parameters, keyed by their full name (``tasks.<name>.*``)."""
         return {f"tasks.{name}.{k}": p for k, p in self.task(name).named_parameters()}
-
-    def named_fast_buffers(self, name: str) -> Iterator[tuple[str, torch.Tensor]]:
-        """Buffers of one task (e.g. norm statistics of a ``full`` adapter), by full name."""
-        for k, b in self.task(name).named_buffers():
-            yield f"tasks.{name}.{k}", b
 
     # ----- forward ---------------------------------------------------------------------------------------
 
