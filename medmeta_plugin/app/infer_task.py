@@ -7,7 +7,6 @@ Every client error is an ``HTTPException`` with a 4xx status and a message, rais
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -18,6 +17,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from medmeta_plugin.app.runtime import MedMetaRuntime
 from medmeta_plugin.io import write_image
+from medmeta_plugin.names import parse_name_list
 
 __all__ = ["RESULT_EXTENSIONS", "SegmentationInfer", "VolumeInfer", "parse_tasks"]
 
@@ -26,25 +26,15 @@ _DTYPES = {"uint8": 255, "uint16": 65535, "int16": 32767, "int32": 2**31 - 1}
 
 
 def parse_tasks(value: Any) -> list[str] | None:
-    """The ``tasks`` request parameter: a list, a comma-separated string, or a JSON list; None for all.
+    """The ``tasks`` request parameter (:func:`~medmeta_plugin.names.parse_name_list`); None for all.
 
     Raises:
-        HTTPException: 400 if it is none of those.
+        HTTPException: 400 if it is no list of names.
     """
-    if value is None or value == "" or value == []:
-        return None
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise HTTPException(400, f"tasks is not a valid JSON list: {err.msg}.") from err
-        else:
-            value = [t.strip() for t in text.split(",") if t.strip()]
-    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-        raise HTTPException(400, f"tasks must be a list of task names, got {value!r}.")
-    return value
+    try:
+        return parse_name_list(value, "tasks")
+    except ValueError as err:
+        raise HTTPException(400, str(err)) from err
 
 
 class _RuntimeInfer(InferTask):

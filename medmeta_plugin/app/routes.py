@@ -2,7 +2,8 @@
 4xx with a message instead.
 
 - ``POST /infer/{model}`` with ``params`` that are not a JSON object (MONAI Label: 500 from ``json.loads``);
-- ``POST /train/{model}`` for an unknown train task (MONAI Label: 200, then the train process fails);
+- ``POST /train/{model}`` for an unknown train task, or a ``structures`` parameter that is no list of names
+  (MONAI Label: 200, then the train process fails);
 - ``POST /scoring/{method}`` for an unknown scoring method (likewise);
 - ``POST /infer/{model}?output=dicom_seg``, which MONAI Label answers through dcmqi (absent here): written
   with pydicom-seg instead;
@@ -33,7 +34,7 @@ from monailabel.endpoints import train as train_endpoints
 from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 
-from medmeta_plugin.names import validate_name
+from medmeta_plugin.names import parse_name_list, validate_name
 
 __all__ = ["install_guards"]
 
@@ -128,6 +129,10 @@ def install_guards(fastapi_app: FastAPI) -> None:
         trainers = app_instance()._trainers
         if model not in trainers:
             raise HTTPException(404, f"unknown train task {model!r}; train tasks: {sorted(trainers)}.")
+        try:  # a malformed structure list is the request's fault: a 400 now, not a failed run later
+            parse_name_list((params or {}).get("structures"), "structures")
+        except ValueError as err:
+            raise HTTPException(400, str(err)) from err
         return train_endpoints.run_model(model, params, run_sync, enqueue)
 
     def scoring_guard(

@@ -23,6 +23,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from medmeta_plugin.app.datastore import collect_examples, stored_submission
 from medmeta_plugin.app.runtime import MedMetaRuntime
 from medmeta_plugin.atomic import atomic_write_bytes
+from medmeta_plugin.names import parse_name_list
 
 __all__ = ["AdaptTrain", "MetaTrain", "write_datalist"]
 
@@ -62,14 +63,8 @@ class AdaptTrain(_StatsTrain):
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
         available = self.runtime.labelled_tasks()
-        wanted = request.get("structures", "all")
-        if isinstance(wanted, str):
-            text = wanted.strip()
-            if text.startswith("["):
-                wanted = json.loads(text)
-            else:
-                wanted = [w.strip() for w in text.split(",") if w.strip()]
-        names = sorted(available) if wanted in (["all"], []) else list(wanted)
+        wanted = parse_name_list(request.get("structures", "all"), "structures") or ["all"]
+        names = sorted(available) if wanted == ["all"] else wanted
         unknown = sorted(set(names) - set(available))
         if unknown:
             known = sorted(available) or "none"

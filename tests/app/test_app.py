@@ -133,6 +133,17 @@ def test_ohif_infer_output_image(app_client, studies) -> None:
         (lambda c: c.post("/infer/medmeta", params={"image": "a"}), 400, "no structure has been adapted"),
         (lambda c: c.post("/activelearning/no_such_strategy"), 404, "no_such_strategy"),
         (lambda c: c.post("/train/no_such_trainer"), 404, "no_such_trainer"),
+        (
+            lambda c: c.post("/train/medmeta_adapt", json={"structures": '["ball", '}),
+            400,
+            "structures is not a valid JSON list",
+        ),
+        (lambda c: c.post("/train/medmeta_adapt", json={"structures": 5}), 400, "must be a list of names"),
+        (
+            lambda c: c.post("/infer/medmeta", params={"image": "a"}, data={"params": '{"tasks": "[x"}'}),
+            400,
+            "tasks is not a valid JSON list",
+        ),
         (lambda c: c.post("/scoring/no_such_method"), 404, "no_such_method"),
         (
             lambda c: c.post("/infer/medmeta", params={"image": "a"}, data={"params": "{bad"}),
