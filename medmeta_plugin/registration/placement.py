@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from medmeta_plugin.registration.grids import SearchGrid, check_volume, search_grid, soft_tissue_window
-from medmeta_plugin.registration.itk_bridge import euler_from_matrix, matrix_from_transform, shrunk, to_itk
+from medmeta_plugin.registration.grids import SearchGrid, check_volume, search_grid
+from medmeta_plugin.registration.itk_bridge import euler_from_matrix, matrix_from_transform
+from medmeta_plugin.registration.pyramid import Pyramid
 from medmeta_plugin.registration.similarity import (
     Correlator,
     MovingSpectra,
@@ -196,6 +197,7 @@ def place(
     moving: np.ndarray,
     moving_affine: np.ndarray,
     config: PlacementConfig | None = None,
+    pyramids: tuple[Pyramid, Pyramid] | None = None,
 ) -> Placement:
     """Find where the fixed scan lies in the moving one, over the whole extent of both (module docstring).
 
@@ -204,6 +206,8 @@ def place(
             matrix (RAS mm), any voxel order, orientation and spacing.
         moving: the support (labelled) scan, shape (X', Y', Z'); moving_affine: its matrix.
         config: search settings (:class:`PlacementConfig`).
+        pyramids: the two scans' ITK levels (fixed, moving) when the caller reuses them afterwards
+            (:func:`~medmeta_plugin.registration.register`); made here otherwise.
 
     Returns:
         The :class:`Placement` (rigid fixed -> moving matrix, score, margin, confidence).
@@ -262,7 +266,8 @@ def place(
         )
     candidates.sort(key=lambda c: -c[0])
     scorer = _Scorer(grid_f, grid_m, config.bins, stats)
-    refined = _refine(fixed, fixed_affine, moving, moving_affine, candidates[: config.refine], centre, scorer)
+    pyramids = pyramids or (Pyramid(fixed, fixed_affine), Pyramid(moving, moving_affine))
+    refined = _refine(pyramids, candidates[: config.refine], centre, scorer)
     best_score, best, overlap = refined[0]
     others = [s for s, m, _ in refined[1:] if _distance(m, best, centre) > config.distinct_mm]
     others += [s for s, m in candidates[config.refine :] if _distance(m, best, centre) > config.distinct_mm]
@@ -297,10 +302,7 @@ def _distance(a: np.ndarray, b: np.ndarray, point: np.ndarray) -> float:
 
 
 def _refine(
-    fixed: np.ndarray,
-    fixed_affine: np.ndarray,
-    moving: np.ndarray,
-    moving_affine: np.ndarray,
+    pyramids: tuple[Pyramid, Pyramid],
     candidates: list[tuple[float, np.ndarray]],
     centre: np.ndarray,
     scorer: _Scorer,
@@ -308,10 +310,7 @@ def _refine(
     """Each candidate refined rigidly (ITK, Mattes MI, at the search's coarse level) and scored again; best
     first. A refinement that fails or leaves the overlap keeps the candidate as it was."""
     spacing = scorer.fixed.spacing
-    levels = []
-    for array, affine in ((fixed, fixed_affine), (moving, moving_affine)):
-        voxel = float(np.linalg.norm(affine[:3, :3], axis=0).mean())
-        levels.append(shrunk(to_itk(soft_tissue_window(array), affine), max(1, int(round(spacing / voxel)))))
+    levels = [p.level(max(1, int(round(spacing / p.voxel_mm)))) for p in pyramids]
     out = []
     for _, matrix in candidates:
         rigid = euler_from_matrix(matrix, centre)

@@ -15,15 +15,14 @@ from dataclasses import dataclass
 import itk
 import numpy as np
 
-from medmeta_plugin.registration.grids import check_volume, soft_tissue_window
+from medmeta_plugin.registration.grids import check_volume
 from medmeta_plugin.registration.itk_bridge import (
     LPS,
     euler_from_matrix,
     matrix_from_transform,
-    shrunk,
-    to_itk,
 )
 from medmeta_plugin.registration.placement import Placement, PlacementConfig, place
+from medmeta_plugin.registration.pyramid import Pyramid
 from medmeta_plugin.registration.stages import affine_stage, bspline_stage, optimise
 
 __all__ = ["REGISTRATION_TRANSFORMS", "Registration", "register"]
@@ -107,8 +106,9 @@ def register(
         raise ValueError(f"max_scale must be > 1, got {max_scale}.")
     start = time.perf_counter()
     placed = None
+    pyramids = (Pyramid(fixed, fixed_affine), Pyramid(moving, moving_affine))
     if initial is None:
-        placed = place(fixed, fixed_affine, moving, moving_affine, placement)
+        placed = place(fixed, fixed_affine, moving, moving_affine, placement, pyramids)
         initial = placed.matrix
     initial = np.asarray(initial, dtype=np.float64)
     if initial.shape != (4, 4) or not np.isfinite(initial).all():
@@ -117,17 +117,11 @@ def register(
     # role: sampled over a whole CT, an MR slab registered onto it drifts away from the true placement (final
     # error 72-88 mm from a true start, docs/benchmarks/placement.md); the result is inverted back.
     swap = _field_of_view(moving, moving_affine) < _field_of_view(fixed, fixed_affine)
-    first, second = (
-        ((moving, moving_affine), (fixed, fixed_affine))
-        if swap
-        else ((fixed, fixed_affine), (moving, moving_affine))
-    )
+    first, second = (pyramids[1], pyramids[0]) if swap else pyramids
     start_matrix = np.linalg.inv(initial) if swap else initial
-    first_itk = to_itk(soft_tissue_window(first[0]), first[1])
-    second_itk = to_itk(soft_tissue_window(second[0]), second[1])
-    coarse = (shrunk(first_itk, 4), shrunk(second_itk, 4))
-    fine = (shrunk(first_itk, 2), shrunk(second_itk, 2))
-    centre = (first[1] @ np.array([*(np.array(first[0].shape) - 1) / 2, 1.0]))[:3]
+    coarse = (first.level(4), second.level(4))
+    fine = (first.level(2), second.level(2))
+    centre = (first.affine @ np.array([*(np.array(first.array.shape) - 1) / 2, 1.0]))[:3]
     rigid = euler_from_matrix(start_matrix, centre)
     try:
         value = optimise(*fine, rigid, iterations)
@@ -147,9 +141,7 @@ def register(
     seconds = time.perf_counter() - start
     if transform == "bspline":
         # The deformation lives on the query's grid, on top of the global transform (query -> support).
-        fixed_itk = shrunk(to_itk(soft_tissue_window(fixed), fixed_affine), 2)
-        moving_itk = shrunk(to_itk(soft_tissue_window(moving), moving_affine), 2)
-        deformation = bspline_stage(_affine_transform(matrix), (fixed_itk, moving_itk))
+        deformation = bspline_stage(_affine_transform(matrix), (pyramids[0].level(2), pyramids[1].level(2)))
         if deformation is not None:
             return Registration(
                 matrix, deformation[1], time.perf_counter() - start, "bspline", deformation[0], placed
