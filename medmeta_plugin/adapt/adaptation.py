@@ -57,9 +57,8 @@ HEAD_VOXELS = 32768
 # - "stratified": every foreground voxel (at most half the sample) plus uniform background, each voxel
 #   weighted by its stratum's population over sample count, so the loss estimates the whole-volume loss;
 # - "balanced": the same voxels unweighted: foreground and background count about equally.
-# "balanced" is the default by measurement (docs/benchmarks/voxel-sample.md): on synthetic-heldout
-# (meta+head, 10 families, 2 seeds) mean Dice at 1/3/5 shots was 0.480/0.513/0.501 against
-# 0.473/0.496/0.492 uniform and 0.473/0.495/0.490 stratified; on abdomen-ct-to-mr all three stay ~0.
+# "balanced" is the default by measurement: the best of the three on synthetic-heldout at 1, 3 and 5 shots
+# (docs/benchmarks/voxel-sample.md).
 VOXEL_SAMPLES = ("uniform", "stratified", "balanced")
 
 
@@ -117,9 +116,8 @@ class AdaptBudget:
 
 
 # Leave-one-out folds of the product's head mode: each fold is a whole fit, so holding out every case made 5
-# shots cost 6 fits and the app's 8 cost 9. On the 10 held-out phantom families at 5 shots (meta+head,
-# 3 seeds) 3 held-out cases chose step counts about as well as 5: mean Dice 0.530 vs 0.534 (paired 95% CI of
-# the difference -0.017 to +0.011) in 0.67x the time; 8 shots took 0.44x (docs/benchmarks/loo-folds.md).
+# shots cost 6 fits and the app's 8 cost 9. On the held-out phantom families 3 held-out cases chose step
+# counts about as well as 5, in much less time (docs/benchmarks/loo-folds.md).
 HEAD_MODE_LOO_FOLDS = 3
 
 

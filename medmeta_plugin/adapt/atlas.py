@@ -1,45 +1,41 @@
 """The atlas prior: where the labelled support scans say a structure is, carried onto a new scan.
 
 An adapted head knows what a structure looks like on the scans it was fitted on; on another patient's scan,
-and worse on another modality, that appearance shifts (a CT-fitted head sees nothing on an MR: Dice 0.000
-on every abdominal structure). Where the structure lies in the body shifts much less. The atlas prior
-registers each support scan onto the query (:func:`~medmeta_plugin.registration.register`: a global
-placement, then rigid and affine), carries its mask over and averages: the probability that a voxel lies in
-the structure.
+and worse on another modality, that appearance shifts (a CT-fitted head sees nothing on an MR). Where the
+structure lies in the body shifts much less. The atlas prior registers each support scan onto the query
+(:func:`~medmeta_plugin.registration.register`: a global placement, then rigid and affine), carries its mask
+over and averages: the probability that a voxel lies in the structure.
 
-Only registrations whose placement is sure are carried (``Registration.sure``). A placement flagged unsure
-is a guess - a second, different position was nearly as good - and carrying its masks gave Dice 0.00 on real
-pairs of scans of different extents (the field-of-view suite, :mod:`medmeta_plugin.benchmarks.fov`); a mask
-in the wrong place served as a finding is worse than no prior, since the caller can fall back to the adapted
-head and say so. :func:`atlas_prior` therefore returns a :class:`CarriedPrior`: the prior of the sure cases
-(None when there is none) and one :class:`CarriedCase` per support scan saying whether it was used, how sure
-its placement was, what it fitted and what it cost.
+Only registrations whose placement is sure are carried (``Registration.sure``). A placement flagged unsure is
+a guess - a second, different position was nearly as good - and carrying its masks put them far from the
+structure on real pairs of scans of different extents (the field-of-view suite,
+:mod:`medmeta_plugin.benchmarks.fov`; figures in ``docs/benchmarks/placement.md``); a mask in the wrong place
+served as a finding is worse than no prior, since the caller can fall back to the adapted head and say so.
+:func:`atlas_prior` therefore returns a :class:`CarriedPrior`: the prior of the sure cases (None when there is
+none) and one :class:`CarriedCase` per support scan saying whether it was used, how sure its placement was,
+what it fitted and what it cost.
 
 :func:`fuse` combines it with the head in log-odds:
 
 - The prior speaks in distance, not in blurred probability: its log-odds are the signed distance to the
   carried boundary over ``PRIOR_MM_PER_LOGIT`` (2 mm), capped at +-``PRIOR_CAP``. The head's logits are
-  limited to +-``HEAD_LIMIT`` (3): a head fitted on one scan is overconfident on the next (its logits
-  inside the other patient's tumour were -12 to -63). So within 6 mm of the carried boundary - what a
-  global (rigid or affine) registration leaves between patients, whose organs also move against each
-  other - the head's appearance decides; deeper inside or further
-  out, the position does. (A Gaussian-blurred prior instead never outvoted the head inside structures
-  thinner than three blur widths: the blur lowers the probability at their centre.)
-- The head's say depends on its agreement with the prior near the carried structure (the Dice of the two
-  masks where the prior's log-odds exceed ``-HEAD_LIMIT``: the only voxels whose answer the head can
-  change, so the head need not be run anywhere else, :func:`head_region`): none
-  up to ``MIN_AGREEMENT`` (0.6), all of it only at full agreement, linear in between. A head that
-  does not find the structure where the registered scans put it (another modality or contrast: a
-  CT-fitted head marks nothing on the MR; on an inverted-contrast phantom it marked a look-alike, Dice
-  0.21 with the prior) leaves the carried mask as the answer - even a small say flips the outermost voxel
+  limited to +-``HEAD_LIMIT`` (3): a head fitted on one scan is overconfident on the next, with large logits
+  of the wrong sign inside the other patient's structure. So within 6 mm of the carried boundary - what a
+  global (rigid or affine) registration leaves between patients, whose organs also move against each other -
+  the head's appearance decides; deeper inside or further out, the position does. (A Gaussian-blurred prior
+  instead never outvoted the head inside structures thinner than three blur widths: the blur lowers the
+  probability at their centre.)
+- The head's say depends on its agreement with the prior near the carried structure (the Dice of the two masks
+  where the prior's log-odds exceed ``-HEAD_LIMIT``: the only voxels whose answer the head can change, so the
+  head need not be run anywhere else, :func:`head_region`): none up to ``MIN_AGREEMENT`` (0.6), all of it only
+  at full agreement, linear in between. A head that does not find the structure where the registered scans put
+  it (another modality or contrast: a CT-fitted head marks nothing on the MR; on an inverted-contrast phantom
+  it marked a look-alike) leaves the carried mask as the answer - even a small say flips the outermost voxel
   layer, half of a small structure; a head that nearly agrees may move the boundary a little.
-- Why so little say: once registration was affine, a head that half agreed with the prior made the
-  answer worse, never better. On structures the held-out suites do not evaluate (6 of the brain's, 6
-  abdominal ones labelled on both the CT and the MR: the ``brain-dev`` and ``abdomen-ct-to-mr-dev``
-  suites, ``docs/benchmarks/atlas.md``), 1 / 3 shots: carried masks alone 0.823 / 0.860 mean Dice on the
-  brain, fused with the earlier ramp (no say below 0.25, all from 0.6) 0.662 / 0.689; on the abdomen the
-  CT-fitted head had no say (0.234 / 0.224 either way). The head stays the answer where there is no
-  prior (a scan that does not register or is placed unsure everywhere, phantoms).
+- Why so little say: once registration was affine, a head that half agreed with the prior made the answer
+  worse, never better, on the structures the held-out suites do not evaluate (the ``brain-dev`` and
+  ``abdomen-ct-to-mr-dev`` suites; the figures are in ``docs/benchmarks/atlas.md``). The head stays the
+  answer where there is no prior (a scan that does not register or is placed unsure everywhere, phantoms).
 """
 
 from __future__ import annotations
@@ -282,8 +278,8 @@ def atlas_prior(
         return CarriedPrior(None, tuple(records))
     prior = np.mean(carried, axis=0)
     # A majority vote of masks that do not coincide shrinks thin structures (the insula, a ribbon of cortex,
-    # vanished at 5 shots: Dice 0.53 -> 0.03). Rescale so that the 0.5 level holds the carried masks' mean
-    # volume instead.
+    # vanished at 5 shots, docs/benchmarks/atlas.md). Rescale so that the 0.5 level holds the carried masks'
+    # mean volume instead.
     volume = int(round(np.mean([(c >= 0.5).sum() for c in carried])))
     if len(carried) > 1 and 0 < volume < prior.size:
         level = float(np.partition(prior.ravel(), prior.size - volume)[prior.size - volume])

@@ -88,7 +88,7 @@ def soft_tissue_window(array: np.ndarray) -> np.ndarray:
     """Clip a scan to the 2nd-98th percentiles of its body voxels (those above the Otsu threshold).
 
     Without it air and bone dominate a joint histogram and mutual information aligns the body outlines
-    rather than the organs (kidney Dice 0.00 against 0.68 with the window, CT -> MR, rigid registration).
+    rather than the organs (on the CT -> MR pair the kidneys were missed altogether without it).
 
     Args:
         array: scan, shape (X, Y, Z), any intensity scale (Hounsfield units, MR units, normalised).

@@ -56,8 +56,8 @@ class PlacementConfig:
         refine: best candidates refined by a rigid registration and scored again.
         distinct_mm: a candidate farther than this from the best (at the fixed scan's body centre) is a
             different answer; the best of those sets the margin.
-        threshold: least confidence of a placement that is served as sure (on the development pairs: all 16
-            wrong placements below it, 91 % of the right ones above).
+        threshold: least confidence of a placement that is served as sure, chosen on the development pairs
+            (docs/benchmarks/placement.md: how many wrong and right placements fall on each side).
     """
 
     spacing_mm: float = 6.0
