@@ -215,7 +215,7 @@ class Segmenter:
         image: str | Path,
         volume: WorkingVolume,
         base: Callable[[], BackboneOutput],
-        seconds: dict[str, float] | None = None,
+        seconds: dict[str, float],
     ) -> tuple[torch.Tensor, Provenance]:
         """A structure's logits on the unpadded working grid, (X, Y, Z), and how they were found.
 
@@ -223,11 +223,11 @@ class Segmenter:
         when ``config.refine`` is on; then a head-mode head runs only where it can change the answer
         (:func:`head_region`: the carried structure and 6 mm around it), not on the whole scan. Without one
         the head answers. ``base`` gives the scan's backbone output; it is called only when a head runs.
+        The time spent finding the prior is added to ``seconds["priors"]``.
         """
         t0 = time.perf_counter()
         served, found = self._find(name, image, volume)
-        if seconds is not None:
-            seconds["priors"] = seconds.get("priors", 0.0) + time.perf_counter() - t0
+        seconds["priors"] += time.perf_counter() - t0
         if served is None:
             return volume.crop(self._task_output(task, volume, base()))[0, 0].float().cpu(), found
         prior, distance = served.prior, served.distance
@@ -279,17 +279,12 @@ class Segmenter:
         return volume, probs
 
     def _answers(
-        self, image: str | Path, tasks: Sequence[str] | None
+        self, image: str | Path, tasks: Sequence[str] | None, seconds: dict[str, float] | None = None
     ) -> tuple[WorkingVolume, dict[str, torch.Tensor], dict[str, Provenance]]:
-        """:meth:`probabilities` and each structure's :class:`Provenance`."""
-        return self._timed_answers(image, tasks, {})
-
-    def _timed_answers(
-        self, image: str | Path, tasks: Sequence[str] | None, seconds: dict[str, float]
-    ) -> tuple[WorkingVolume, dict[str, torch.Tensor], dict[str, Provenance]]:
-        """:meth:`_answers`, adding the wall time of its stages to ``seconds``: ``scan`` (reading it and its
-        working grid), ``priors`` (placement, registration and carrying of every structure's masks),
-        ``backbone`` and ``heads``."""
+        """:meth:`probabilities` and each structure's :class:`Provenance`; the wall time of the stages goes
+        into ``seconds`` when given: ``scan`` (reading it and its working grid), ``priors`` (placement,
+        registration and carrying of every structure's masks), ``backbone`` and ``heads``."""
+        seconds = {} if seconds is None else seconds
         start = time.perf_counter()
         chosen = self._select(self._serving.tasks("segmentation"), tasks)
         # The backbone runs only if a head does: structures answered by their atlas prior need the scan alone.
@@ -335,7 +330,7 @@ class Segmenter:
         """
         start = time.perf_counter()
         seconds: dict[str, float] = {}
-        volume, probs, found = self._timed_answers(image, tasks, seconds)
+        volume, probs, found = self._answers(image, tasks, seconds)
         mid = time.perf_counter()
         for name, how in found.items():
             confidence = "-" if how.confidence is None else f"{how.confidence:.3f}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,3 +141,15 @@ def wait_adapted(client, names: list[str], timeout: float = 60.0) -> dict:
         if time.monotonic() > deadline:
             raise AssertionError(f"not adapted within {timeout} s: {status}")
         time.sleep(0.2)
+
+
+def wait_for_server(predicate, timeout: float, what: str, log: Path, interval: float = 0.3):
+    """Poll ``predicate`` until it returns something true (returned) or ``timeout`` seconds pass; the
+    failure names ``what`` and shows the tail of the server's ``log``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what} within {timeout} s; server log:\n{log.read_text()[-4000:]}")

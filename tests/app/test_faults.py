@@ -23,7 +23,7 @@ from monailabel.client import MONAILabelClient
 
 from medmeta_plugin.app.process import copy_app, running_server
 from medmeta_plugin.io import write_image
-from tests.app.conftest import GEOMETRIES
+from tests.app.conftest import GEOMETRIES, wait_for_server
 
 LABEL_INFO = [{"name": "ball", "idx": 1}, {"name": "box", "idx": 2}]
 ENV = {"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
@@ -44,16 +44,6 @@ def _namespaces_available() -> None:
 def _info(url: str) -> dict:
     with urllib.request.urlopen(f"{url}/info/", timeout=10) as response:
         return json.loads(response.read())["medmeta"]
-
-
-def _wait(predicate, timeout: float, what: str, log: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"{what} within {timeout} s; server log:\n{log.read_text()[-4000:]}")
 
 
 def _fill(folder: Path) -> Path:
@@ -107,13 +97,13 @@ def test_a_full_disk_during_label_and_adapter_writes_loses_nothing(tmp_path: Pat
         studies_disk, model_disk = root / str(disk).lstrip("/"), root / str(app / "model").lstrip("/")
         client = MONAILabelClient(url, tmpdir=str(tmp_path))
         client.save_label("a", str(studies["a"]), params={"label_info": LABEL_INFO})
-        _wait(lambda: _adapted(url, 1), 120, "both structures adapted (version 1)", log)
+        wait_for_server(lambda: _adapted(url, 1), 120, "both structures adapted (version 1)", log)
 
         # The model disk is full: the label is stored, its adaptation fails and says why, version 1 serves.
         filler = _fill(model_disk)
         adapters_before = _files(model_disk / "adapters")
         assert _put_label(url, "b", studies["b"]).status_code == 200
-        status = _wait(
+        status = wait_for_server(
             lambda: (
                 (s := _info(url)["adaptation"])["tasks"].get("ball", {}).get("state") == "failed"
                 and not s["running"]
@@ -133,7 +123,7 @@ def test_a_full_disk_during_label_and_adapter_writes_loses_nothing(tmp_path: Pat
         assert params["adapter_versions"] == {"ball": 1, "box": 1}, params
         filler.unlink()  # space again: the next save adapts and writes version 2
         assert _put_label(url, "b", studies["b"]).status_code == 200
-        _wait(lambda: _adapted(url, 2), 120, "both structures adapted (version 2)", log)
+        wait_for_server(lambda: _adapted(url, 2), 120, "both structures adapted (version 2)", log)
 
         # The studies disk is full: a new label of "a" is a 507 with a message; the stored one is untouched.
         label = np.random.default_rng(0).integers(0, 3, (1, *GEOMETRIES["ras"].shape)).astype(np.uint8)
@@ -153,7 +143,7 @@ def test_a_full_disk_during_label_and_adapter_writes_loses_nothing(tmp_path: Pat
         assert _put_label(url, "a", new).status_code == 200
         revisions = requests.get(f"{url}/datastore/label/revisions", params={"image": "a"}, timeout=30)
         assert [r["revision"] for r in revisions.json()["revisions"]] == [1]
-        _wait(lambda: _adapted(url, 3), 120, "adapted on the new label (version 3)", log)
+        wait_for_server(lambda: _adapted(url, 3), 120, "adapted on the new label (version 3)", log)
 
 
 @pytest.mark.slow

@@ -128,6 +128,11 @@ def test_bad_input_over_http_leaves_the_server_serving(tmp_path: Path, studies: 
                     timeout=60,
                 )
 
+        def upload(image: str, content: bytes) -> requests.Response:
+            """PUT /datastore/ of an image file's bytes, as a .nii.gz upload."""
+            files = {"file": ("x.nii.gz", io.BytesIO(content))}
+            return requests.put(f"{url}/datastore/", params={"image": image}, files=files, timeout=60)
+
         cases = [
             (lambda: label("a", studies["c"], label_info), 400, "geometry"),
             (
@@ -143,26 +148,8 @@ def test_bad_input_over_http_leaves_the_server_serving(tmp_path: Path, studies: 
             ),
             (lambda: label("nope", studies["a"], label_info), 404, "nope"),
             (lambda: label("a", nan_file, label_info), 400, "non-integer"),
-            (
-                lambda: requests.put(
-                    f"{url}/datastore/",
-                    params={"image": "../../x"},
-                    files={"file": ("x.nii.gz", io.BytesIO(b"junk"))},
-                    timeout=30,
-                ),
-                400,
-                "refused",
-            ),
-            (
-                lambda: requests.put(
-                    f"{url}/datastore/",
-                    params={"image": "nan_scan"},
-                    files={"file": ("x.nii.gz", io.BytesIO(nan_file.read_bytes()))},
-                    timeout=30,
-                ),
-                400,
-                "NaN",
-            ),
+            (lambda: upload("../../x", b"junk"), 400, "refused"),
+            (lambda: upload("nan_scan", nan_file.read_bytes()), 400, "NaN"),
             (
                 lambda: requests.post(f"{url}/infer/medmeta", params={"image": "broken_series"}, timeout=60),
                 400,
@@ -176,16 +163,7 @@ def test_bad_input_over_http_leaves_the_server_serving(tmp_path: Path, studies: 
             # Bombs: refused from the header or while counting the inflated stream, nothing inflated.
             (lambda: label("a", nifti_bomb, label_info), 400, "declares"),
             (lambda: label("a", nrrd_bomb, label_info), 400, "inflates to more than"),
-            (
-                lambda: requests.put(
-                    f"{url}/datastore/",
-                    params={"image": "bomb"},
-                    files={"file": ("bomb.nii.gz", io.BytesIO(nifti_bomb.read_bytes()))},
-                    timeout=60,
-                ),
-                413,
-                "declares",
-            ),
+            (lambda: upload("bomb", nifti_bomb.read_bytes()), 413, "declares"),
             (lambda: requests.post(f"{url}/infer/nope", params={"image": "a"}, timeout=30), 404, "nope"),
             (lambda: requests.post(f"{url}/train/nope", timeout=30), 404, "nope"),
             (lambda: requests.post(f"{url}/activelearning/nope", timeout=30), 404, "nope"),

@@ -4,7 +4,6 @@ drives it (info, next sample, sessions, submit label, infer .nrrd/uint8, train s
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from monailabel.client import MONAILabelClient
 from medmeta_plugin.app.process import copy_app, running_server
 from medmeta_plugin.io import read_image
 from medmeta_plugin.registration import PlacementConfig
+from tests.app.conftest import wait_for_server
 
 LABEL_INFO = [{"name": "ball", "idx": 1}, {"name": "box", "idx": 2}]
 
@@ -26,16 +26,6 @@ def server(tmp_path: Path, studies: dict) -> Iterator[tuple[MONAILabelClient, su
     env = {"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
     with running_server(str(studies["studies"]), app, log, env=env) as (url, process):
         yield MONAILabelClient(url, tmpdir=str(tmp_path / "client")), process, log
-
-
-def _wait(predicate, timeout: float, what: str, log: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{what} within {timeout} s; server log:\n{log.read_text()[-4000:]}")
 
 
 def test_slicer_workflow_against_a_real_server(server, studies, tmp_path: Path) -> None:
@@ -58,7 +48,7 @@ def test_slicer_workflow_against_a_real_server(server, studies, tmp_path: Path) 
         models = client.info()["models"]["medmeta"]
         return models["labels"] == {"ball": 1, "box": 2}
 
-    _wait(adapted, 60, "no adapter", log)
+    wait_for_server(adapted, 60, "no adapter", log, interval=0.5)
     out, params = client.infer("medmeta", "b", {"result_extension": ".nrrd", "result_dtype": "uint8"})
     assert params["label_names"] == {"ball": 1, "box": 2}
     # How each answer was found: scan a's masks, placed sure on scan b; the placement shows in /info/.
@@ -90,10 +80,16 @@ def test_slicer_workflow_against_a_real_server(server, studies, tmp_path: Path) 
         stats = client.info()["train_stats"].get("medmeta_adapt", {})
         return stats if stats.get("epoch") == 1 and not client.train_status(check_if_running=True) else None
 
-    stats = _wait(trained, 120, "medmeta_adapt did not finish", log)
+    stats = wait_for_server(trained, 120, "medmeta_adapt did not finish", log, interval=0.5)
     assert stats["total_epochs"] == 1 and "ball" in stats["structures"]
     # The train process wrote version 2 of "ball"; the server serves it at its next request.
-    _wait(lambda: client.info()["medmeta"]["adapters"]["ball"]["version"] == 2, 20, "no version 2", log)
+    wait_for_server(
+        lambda: client.info()["medmeta"]["adapters"]["ball"]["version"] == 2,
+        20,
+        "no version 2",
+        log,
+        interval=0.5,
+    )
     client.train_stop()  # DELETE /train/ with nothing running is harmless
     assert not client.train_status(check_if_running=True)
 
