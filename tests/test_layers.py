@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medmeta_plugin"
 
 # Lowest first; one floor may hold several packages that do not import each other's floors above.
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("names", "atomic", "caching", "transforms", "io", "registration"),
+    ("names", "paths", "atomic", "caching", "transforms", "io", "registration"),
     ("networks",),
     ("episodes",),
     ("adapt",),

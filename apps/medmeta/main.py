@@ -34,13 +34,14 @@ from medmeta_plugin.app.routes import install_guards
 from medmeta_plugin.app.runtime import MedMetaRuntime
 from medmeta_plugin.app.strategy import DiversityStrategy, UncertaintyScoring, UncertaintyStrategy
 from medmeta_plugin.app.train_task import AdaptTrain, MetaTrain
+from medmeta_plugin.paths import META_RECIPE, checkout
 
 logger = logging.getLogger(__name__)
 
-_REPO = Path(medmeta_plugin.__file__).resolve().parents[1]
 # MONAI Label's train process reads PYTHONPATH unconditionally (a KeyError leaves a task SUBMITTED for
-# ever) and needs this package importable; tracking through MLflow 3 fails on its default file store.
-os.environ.setdefault("PYTHONPATH", str(_REPO))
+# ever) and needs this package importable (a checkout's folder; an installed copy already is); tracking
+# through MLflow 3 fails on its default file store.
+os.environ.setdefault("PYTHONPATH", str(checkout() or ""))
 os.environ.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
 
 
@@ -112,10 +113,9 @@ class MedMetaApp(MONAILabelApp):
         return {"medmeta": SegmentationInfer(self.runtime), "medmeta_volume": VolumeInfer(self.runtime)}
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        recipe = _REPO / "sample_apps" / "backbone" / "meta_train.yaml"
         return {
             "medmeta_adapt": AdaptTrain(self.runtime),
-            "medmeta_metatrain": MetaTrain(self.runtime, recipe),
+            "medmeta_metatrain": MetaTrain(self.runtime, META_RECIPE),
         }
 
     def init_strategies(self) -> dict[str, Strategy]:

@@ -18,11 +18,10 @@ from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks import ADAPTER_MODES
 from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
 from medmeta_plugin.networks.precision import PRECISIONS
+from medmeta_plugin.paths import DEFAULT_BACKBONE
 from medmeta_plugin.registration import REGISTRATION_TRANSFORMS
 
-__all__ = ["DEFAULT_BACKBONE", "AppConfig", "parse_conf"]
-
-DEFAULT_BACKBONE = Path(__file__).resolve().parents[2] / "sample_apps" / "backbone" / "backbone.safetensors"
+__all__ = ["AppConfig", "parse_conf"]
 
 # Keys MONAI Label itself puts into the conf dict (server_mode by the server, the rest by its sample apps'
 # conventions); accepted and ignored here.

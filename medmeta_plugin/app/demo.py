@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from medmeta_plugin.io import read_image, read_label, write_image
+from medmeta_plugin.paths import SAMPLE_DATA
 
-__all__ = ["DEMO_STRUCTURES", "SAMPLE_DATA", "prepare_demo"]
-
-SAMPLE_DATA = Path(__file__).resolve().parents[2] / "sample_apps" / "data" / "real"
+__all__ = ["DEMO_STRUCTURES", "prepare_demo"]
 
 # Structures labelled in both abdominal scans (see sample_apps/data/README.md), large enough to see at 3 mm.
 DEMO_STRUCTURES = ("kidney_left", "kidney_right", "iliopsoas_left", "iliopsoas_right", "spinal_cord")

@@ -21,9 +21,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from medmeta_plugin.paths import APP, checkout
+
 __all__ = [
-    "DEFAULT_APP",
-    "REPO",
     "copy_app",
     "free_port",
     "running_server",
@@ -32,12 +32,9 @@ __all__ = [
     "stop_process",
 ]
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_APP = REPO / "apps" / "medmeta"
-
 
 def server_command(
-    studies: str, app: Path = DEFAULT_APP, host: str = "127.0.0.1", port: int = 8000, conf: list | None = None
+    studies: str, app: Path = APP, host: str = "127.0.0.1", port: int = 8000, conf: list | None = None
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that start the server.
 
@@ -59,13 +56,14 @@ def server_command(
     for key, value in conf or []:
         command += ["--conf", key, value]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    source = checkout()  # an installed copy is importable as it is; a checkout must be on the path
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(source or ""), env.get("PYTHONPATH", "")) if p)
     env.setdefault("MONAI_LABEL_TRACKING_ENABLED", "false")
     env.setdefault("MONAI_LABEL_SESSION_PATH", str(Path(app) / "model" / "sessions"))
     return command, env
 
 
-def copy_app(destination: Path, app: Path = DEFAULT_APP) -> Path:
+def copy_app(destination: Path, app: Path = APP) -> Path:
     """A private copy of the app folder without its ``model`` folder (adapters, sessions) or caches, so a
     server started on it begins with nothing adapted and writes nothing into the repository.
 

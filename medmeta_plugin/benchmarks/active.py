@@ -24,12 +24,12 @@ import torch
 from tqdm import tqdm
 
 from medmeta_plugin.adapt import AdaptBudget, adapt
-from medmeta_plugin.app.config import DEFAULT_BACKBONE
 from medmeta_plugin.app.segmenting import mask_uncertainty
 from medmeta_plugin.app.strategy import select_diverse, select_uncertain
 from medmeta_plugin.episodes import HELDOUT_FAMILIES
 from medmeta_plugin.networks import BackboneOutput, MetaModel, load_backbone
 from medmeta_plugin.networks.objectives import task_score
+from medmeta_plugin.paths import DEFAULT_BACKBONE
 
 __all__ = ["STRATEGIES", "plot_active", "run_active_benchmark", "summarise_active"]
 

@@ -37,10 +37,9 @@ from tqdm import tqdm
 
 from medmeta_plugin.benchmarks.scoring import mask_dice
 from medmeta_plugin.episodes.splits import ABDOMEN_HELDOUT, TUMOUR_HELDOUT
+from medmeta_plugin.paths import SAMPLE_DATA
 
 __all__ = ["PAIRS", "ScanPair", "run_app_benchmark", "scratch_baseline", "summarise_app"]
-
-SAMPLE = Path(__file__).resolve().parents[2] / "sample_apps" / "data" / "real"
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ def _rss_mb(pid: int) -> float:
 def _structure_masks(case: str) -> tuple[np.ndarray, Any, dict[str, int]]:
     from medmeta_plugin.io import read_image, read_label
 
-    folder = SAMPLE / case
+    folder = SAMPLE_DATA / case
     _, meta = read_image(next(folder.glob("image.*")))
     label, _ = read_label(next(folder.glob("label.*")), meta)
     names = {n: int(v) for v, n in json.loads((folder / "labels.json").read_text()).items()}
@@ -161,7 +160,7 @@ def run_app_benchmark(
     # Image ids "support" and "query", each keeping its file format (NIfTI, NRRD).
     files = {}
     for image_id, case in (("support", scans.support), ("query", scans.query)):
-        source = next((SAMPLE / case).glob("image.*"))
+        source = next((SAMPLE_DATA / case).glob("image.*"))
         files[image_id] = studies / f"{image_id}{''.join(source.suffixes)}"
         shutil.copyfile(source, files[image_id])
     copy_app(app)

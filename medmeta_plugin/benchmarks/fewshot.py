@@ -50,6 +50,7 @@ from medmeta_plugin.networks import ADAPTER_MODES, Backbone3D, MetaModel, load_b
 from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
 from medmeta_plugin.networks.objectives import task_score
 from medmeta_plugin.networks.precision import PRECISIONS
+from medmeta_plugin.paths import DEFAULT_BACKBONE, MULTITASK_BACKBONE
 from medmeta_plugin.registration import (
     REGISTRATION_TRANSFORMS,
     deterministic_registration,
@@ -68,9 +69,6 @@ __all__ = [
     "summarise",
     "write_results",
 ]
-
-# The shipped backbones, found from the package so the benchmark runs from any folder.
-SHIPPED = Path(__file__).resolve().parents[2] / "sample_apps" / "backbone"
 
 METHODS = (
     "scratch",
@@ -160,8 +158,8 @@ class BenchmarkConfig:
     shots: tuple[int, ...] = (1, 3, 5)
     seeds: int = 3
     methods: tuple[str, ...] = METHODS
-    meta_backbone: str = str(SHIPPED / "backbone.safetensors")
-    multitask_backbone: str = str(SHIPPED / "multitask.safetensors")
+    meta_backbone: str = str(DEFAULT_BACKBONE)
+    multitask_backbone: str = str(MULTITASK_BACKBONE)
     head_steps: int = HEAD_MODE_STEPS
     steps: int = 10
     tasks: tuple[str, ...] | None = None

@@ -45,9 +45,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from medmeta_plugin.benchmarks.suites import real_data_root
 from medmeta_plugin.episodes.splits import ABDOMEN_DEV, ABDOMEN_HELDOUT, BRAIN_DEV, BRAIN_HELDOUT
 from medmeta_plugin.io import ImageMeta, read_image, read_label, resample
+from medmeta_plugin.paths import real_data_root
 from medmeta_plugin.registration.placement import rotation_matrix
 from medmeta_plugin.transforms import normalize_intensity
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from medmeta_plugin.benchmarks.app_latency import SAMPLE, _structure_masks
+from medmeta_plugin.benchmarks.app_latency import _structure_masks
+from medmeta_plugin.paths import SAMPLE_DATA
 
 __all__ = ["run_load_benchmark", "summarise_load"]
 
@@ -57,10 +58,10 @@ def run_load_benchmark(submitters: int = 8, readers: int = 16, requests: int = 1
     studies, app, labels = work / "studies", work / "app", work / "labels"
     studies.mkdir()
     labels.mkdir()
-    ct = next((SAMPLE / "ct_abdomen_a").glob("image.*"))
+    ct = next((SAMPLE_DATA / "ct_abdomen_a").glob("image.*"))
     for i in range(submitters):
         shutil.copyfile(ct, studies / f"ct_{i}.nii.gz")
-    shutil.copyfile(next((SAMPLE / "mr_abdomen_d").glob("image.*")), studies / "mr.nii.gz")
+    shutil.copyfile(next((SAMPLE_DATA / "mr_abdomen_d").glob("image.*")), studies / "mr.nii.gz")
     copy_app(app)
     ct_label, ct_meta, names = _structure_masks("ct_abdomen_a")
     plan = {}

@@ -41,10 +41,8 @@ ones in :mod:`medmeta_plugin.episodes.splits`, which meta-training never sees.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,9 +60,10 @@ from medmeta_plugin.episodes.splits import (
 from medmeta_plugin.episodes.synthetic import case_plans
 from medmeta_plugin.episodes.tasks import TaskRegistry
 from medmeta_plugin.io import read_image
+from medmeta_plugin.paths import real_data_root
 from medmeta_plugin.transforms import normalize_intensity
 
-__all__ = ["SUITES", "EvalTask", "build_suite", "real_data_root"]
+__all__ = ["SUITES", "EvalTask", "build_suite"]
 
 Item = dict[str, Any]
 
@@ -107,14 +106,6 @@ class EvalTask:
             rest = rng.choice(np.arange(1, len(self.support_pool)), size=shots - 1, replace=False)
             return [self.support_pool[0]] + [self.support_pool[i] for i in rest]
         return [self.support_pool[i] for i in rng.choice(len(self.support_pool), size=shots, replace=False)]
-
-
-def real_data_root() -> Path:
-    """Where the real cases are: ``$MEDMETA_REAL_DATA`` or ``../shared/data/real`` beside the checkout."""
-    env = os.environ.get("MEDMETA_REAL_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
 
 
 def _image(array: np.ndarray) -> torch.Tensor:

@@ -187,10 +187,11 @@ def _meta_train(args: argparse.Namespace) -> int:
 
 def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     from medmeta_plugin.adapt import HEAD_MODE_STEPS
-    from medmeta_plugin.benchmarks.fewshot import METHODS, SHIPPED
+    from medmeta_plugin.benchmarks.fewshot import METHODS
     from medmeta_plugin.benchmarks.suites import SUITES
     from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
     from medmeta_plugin.networks.precision import PRECISIONS
+    from medmeta_plugin.paths import DEFAULT_BACKBONE, MULTITASK_BACKBONE
 
     p = subparsers.add_parser("benchmark", help="benchmarks that print figures")
     inner = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
@@ -207,8 +208,8 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument(
         "--methods", nargs="+", help=f"'all' or some of: {' '.join(METHODS)} (default: the suite's plan)"
     )
-    f.add_argument("--meta-backbone", default=str(SHIPPED / "backbone.safetensors"))
-    f.add_argument("--multitask-backbone", default=str(SHIPPED / "multitask.safetensors"))
+    f.add_argument("--meta-backbone", default=str(DEFAULT_BACKBONE))
+    f.add_argument("--multitask-backbone", default=str(MULTITASK_BACKBONE))
     f.add_argument("--tasks", nargs="+", help="only these tasks of the suite")
     f.add_argument(
         "--heads",
@@ -246,7 +247,7 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--plot", type=Path, help="PNG of the metric against shots per method")
     f.set_defaults(func=_benchmark_fewshot)
     s = inner.add_parser("adapt-speed", help="seconds per adaptation for each adapter mode, side by side")
-    s.add_argument("--backbone", default=str(SHIPPED / "backbone.safetensors"))
+    s.add_argument("--backbone", default=str(DEFAULT_BACKBONE))
     s.add_argument("--shots", type=int, default=5)
     s.add_argument("--size", type=int, default=64, help="edge of the cubic support volumes (default 64)")
     s.add_argument("--modes", nargs="+", default=["head", "film", "lora", "full"])
@@ -264,7 +265,7 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
         "probe", help="what a backbone's features give: a head fitted on all support cases, and on the query"
     )
     r.add_argument("--suite", required=True, choices=sorted(SUITES))
-    r.add_argument("--backbone", default=str(SHIPPED / "backbone.safetensors"))
+    r.add_argument("--backbone", default=str(DEFAULT_BACKBONE))
     r.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3], help="decoder levels in the features")
     r.add_argument("--steps", type=int, default=300, help="Adam steps of the ceiling head")
     r.add_argument("--tasks", nargs="+", help="only these tasks of the suite")

@@ -11,7 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from medmeta_plugin.app.process import DEFAULT_APP, REPO, server_answers, server_command
+from medmeta_plugin.app.process import copy_app, server_answers, server_command
+from medmeta_plugin.paths import APP, checkout, work_folder
 
 __all__ = ["PARSERS"]
 
@@ -19,7 +20,7 @@ __all__ = ["PARSERS"]
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--app", type=Path, default=DEFAULT_APP, help="the app folder (default apps/medmeta)")
+    p.add_argument("--app", type=Path, default=APP, help=f"the app folder (default {APP})")
     p.add_argument(
         "--conf", nargs=2, action="append", metavar=("KEY", "VALUE"), help="app setting, repeatable"
     )
@@ -40,9 +41,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="serve the sample scans with the shipped backbone (make demo)")
-    p.add_argument("--root", type=Path, default=REPO / ".demo", help="where the demo studies live")
+    p.add_argument("--root", type=Path, default=work_folder("demo"), help="where the demo studies live")
     _add_arguments(p)
     p.set_defaults(func=_demo)
+
+
+def _demo_app(app: Path, root: Path) -> Path:
+    """The app folder a demo serves: the checkout's own, or in an installed copy a private copy under the
+    demo's root, so the adapters and logs the server writes beside the app stay out of the installation."""
+    if checkout() is None and app == APP:
+        return copy_app(root / "app", app)
+    return app
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -66,7 +75,8 @@ OHIF: {url}/ohif/ (needs a DICOMweb studies source).  Stop with Ctrl+C.
 """,
         flush=True,
     )
-    command, env = server_command(str(studies), args.app, args.host, args.port, args.conf)
+    app = _demo_app(args.app, args.root)
+    command, env = server_command(str(studies), app, args.host, args.port, args.conf)
     os.execvpe(command[0], command, env)
     return 0  # not reached
 
@@ -76,7 +86,9 @@ def _add_demo_pacs(subparsers: argparse._SubParsersAction) -> None:
         "demo-pacs",
         help="a local Orthanc PACS with the sample studies + the app on its DICOMweb (make demo-pacs)",
     )
-    p.add_argument("--root", type=Path, default=REPO / ".demo-pacs", help="Orthanc storage and DICOM files")
+    p.add_argument(
+        "--root", type=Path, default=work_folder("demo-pacs"), help="Orthanc storage and DICOM files"
+    )
     _add_arguments(p)
     p.set_defaults(func=_demo_pacs)
 
@@ -124,7 +136,8 @@ Stop with Ctrl+C.
 """,
             flush=True,
         )
-        command, env = server_command(orthanc.dicomweb, args.app, args.host, args.port, args.conf)
+        app = _demo_app(args.app, args.root)
+        command, env = server_command(orthanc.dicomweb, app, args.host, args.port, args.conf)
         env.setdefault("MONAI_LABEL_DICOMWEB_SEARCH_FILTER", "{}")
         server = subprocess.Popen(command, env=env)
         try:

@@ -12,11 +12,10 @@ import numpy as np
 from pydicom import dcmread
 
 from medmeta_plugin.io import read_image, read_label, write_dicom_series, write_image
+from medmeta_plugin.paths import SAMPLE_DATA
 from medmeta_plugin.stack.orthanc import OrthancServer
 
 __all__ = ["SAMPLE_SERIES", "load_sample_studies", "sample_mask", "submit_sample_label"]
-
-SAMPLE = Path(__file__).resolve().parents[2] / "sample_apps" / "data" / "real"
 
 # folder in sample_apps/data/real -> (modality, patient id); two patients, as in the abdominal benchmark.
 SAMPLE_SERIES = {"ct_abdomen_a": ("CT", "MEDMETA-A"), "mr_abdomen_d": ("MR", "MEDMETA-D")}
@@ -33,7 +32,7 @@ def load_sample_studies(server: OrthancServer, work: str | Path) -> dict[str, st
     """
     uids = {}
     for folder, (modality, patient) in SAMPLE_SERIES.items():
-        array, meta = read_image(next((SAMPLE / folder).glob("image.*")))
+        array, meta = read_image(next((SAMPLE_DATA / folder).glob("image.*")))
         if modality == "MR":
             low, high = float(array.min()), float(array.max())
             array = (array - low) / max(high - low, 1e-6) * 4095
@@ -66,10 +65,10 @@ def sample_mask(folder: str, structure: str) -> np.ndarray:
     """
     if folder not in SAMPLE_SERIES:
         raise ValueError(f"unknown sample {folder!r}; samples: {sorted(SAMPLE_SERIES)}.")
-    values = {n: int(v) for v, n in json.loads((SAMPLE / folder / "labels.json").read_text()).items()}
+    values = {n: int(v) for v, n in json.loads((SAMPLE_DATA / folder / "labels.json").read_text()).items()}
     if structure not in values:
         raise ValueError(f"{folder} has no structure {structure!r}; structures: {sorted(values)}.")
-    label, _ = read_label(next((SAMPLE / folder).glob("label.*")))
+    label, _ = read_label(next((SAMPLE_DATA / folder).glob("label.*")))
     return label[0] == values[structure]
 
 

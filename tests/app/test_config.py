@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from medmeta_plugin.app.config import DEFAULT_BACKBONE, AppConfig, parse_conf
+from medmeta_plugin.app.config import AppConfig, parse_conf
+from medmeta_plugin.paths import DEFAULT_BACKBONE
 
 
 def test_defaults_serve_the_shipped_backbone() -> None:

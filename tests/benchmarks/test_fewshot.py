@@ -12,7 +12,7 @@ import torch
 from medmeta_plugin.adapt import adapt
 from medmeta_plugin.benchmarks import fewshot
 from medmeta_plugin.benchmarks.fewshot import BenchmarkConfig, parse_methods, plot, run_benchmark, summarise
-from medmeta_plugin.benchmarks.suites import SUITES, build_suite, real_data_root
+from medmeta_plugin.benchmarks.suites import SUITES, build_suite
 from medmeta_plugin.episodes.splits import (
     ABDOMEN_DEV,
     ABDOMEN_HELDOUT,
@@ -23,6 +23,7 @@ from medmeta_plugin.episodes.splits import (
 )
 from medmeta_plugin.io import ImageMeta, read_image, write_image
 from medmeta_plugin.networks import Backbone3D, BackboneConfig, load_backbone, save_backbone
+from medmeta_plugin.paths import real_data_root
 
 TWO_TASKS = {
     "synthetic-heldout": SYNTHETIC_HELDOUT_TASKS[:2],

@@ -19,9 +19,9 @@ import pytest
 
 from medmeta_plugin.benchmarks import fov
 from medmeta_plugin.benchmarks.fov import BRAIN_CORRESPONDENCES, FovPair, Scan, fov_pairs, world_error
-from medmeta_plugin.benchmarks.suites import real_data_root
 from medmeta_plugin.episodes.splits import ABDOMEN_DEV, ABDOMEN_HELDOUT, BRAIN_DEV, BRAIN_HELDOUT
 from medmeta_plugin.io import ImageMeta, write_image
+from medmeta_plugin.paths import real_data_root
 from medmeta_plugin.registration.placement import rotation_matrix
 
 Balls = dict[str, tuple[tuple[float, float, float], float]]

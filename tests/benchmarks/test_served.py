@@ -19,9 +19,9 @@ import pytest
 
 from medmeta_plugin.benchmarks.served import ServedPipeline
 from medmeta_plugin.io import read_image, read_label
+from medmeta_plugin.paths import SAMPLE_DATA
 from medmeta_plugin.registration import deterministic_registration
 
-SAMPLE = Path(__file__).resolve().parents[2] / "sample_apps" / "data" / "real"
 # (structure, its value in the support case's label map, support case, query case)
 PAIRS = [
     ("kidney_right", None, "ct_abdomen_a", "mr_abdomen_d"),
@@ -30,12 +30,14 @@ PAIRS = [
 
 
 def _item(case: str, structure: str | None = None, value: int | None = None) -> dict:
-    image, meta = read_image(next((SAMPLE / case).glob("image.*")))
+    image, meta = read_image(next((SAMPLE_DATA / case).glob("image.*")))
     item = {"image": image[:1].astype(np.float32), "affine": meta.affine}
     if structure is not None:
-        label, _ = read_label(next((SAMPLE / case).glob("label.*")), meta)
+        label, _ = read_label(next((SAMPLE_DATA / case).glob("label.*")), meta)
         if value is None:
-            names = {n: int(v) for v, n in json.loads((SAMPLE / case / "labels.json").read_text()).items()}
+            names = {
+                n: int(v) for v, n in json.loads((SAMPLE_DATA / case / "labels.json").read_text()).items()
+            }
             value = names[structure]
         item["label"] = (label[:1] == value).astype(np.float32)
     return item

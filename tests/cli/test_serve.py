@@ -15,21 +15,21 @@ from pathlib import Path
 
 import pytest
 
-from medmeta_plugin.app.process import DEFAULT_APP, REPO, free_port, server_answers
+from medmeta_plugin.app.process import free_port, server_answers
+from medmeta_plugin.paths import APP, ROOT
 
-STARTUP_TIMEOUT = (
-    240.0  # seconds: Orthanc, the studies, the server (~10 s) and five adaptations, 2 busy cores
-)
+# seconds: Orthanc, the studies, the server (~10 s) and five adaptations, 2 busy cores
+STARTUP_TIMEOUT = 240.0
 
 
 @pytest.mark.stack
 def test_demo_pacs_labels_the_ct_serves_ohif_and_stops_on_sigterm(tmp_path: Path) -> None:
     app = tmp_path / "app"
-    shutil.copytree(DEFAULT_APP, app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+    shutil.copytree(APP, app, ignore=shutil.ignore_patterns("model", "__pycache__"))
     port = free_port()
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": str(ROOT),
         "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache"),
     }
     command = [sys.executable, "-m", "medmeta_plugin.cli.main", "demo-pacs", "--root", str(tmp_path / "pacs")]

@@ -11,9 +11,8 @@ import yaml
 from medmeta_plugin.episodes.splits import is_held_out
 from medmeta_plugin.meta.config import load_config
 from medmeta_plugin.meta.data import build_sampler, meta_training_registry
+from medmeta_plugin.paths import BACKBONES
 from tests.episodes.conftest import blob_volumes, write_case, write_nifti
-
-SHIPPED = Path(__file__).resolve().parents[2] / "sample_apps" / "backbone"
 
 
 @pytest.fixture
@@ -115,8 +114,10 @@ def test_unknown_real_cases_are_errors(
 )
 def test_shipped_configs_give_the_recorded_task_pool(config: str, record: str) -> None:
     """The shipped configs still build the pool their backbones were trained on, whatever joins the data."""
-    real = [(SHIPPED / p).resolve() for p in yaml.safe_load((SHIPPED / config).read_text())["data"]["real"]]
-    if not all(p.is_dir() for p in real) or not (SHIPPED / record).is_file():
+    real = [
+        (BACKBONES / p).resolve() for p in yaml.safe_load((BACKBONES / config).read_text())["data"]["real"]
+    ]
+    if not all(p.is_dir() for p in real) or not (BACKBONES / record).is_file():
         pytest.skip("the shipped backbone or its real data (../shared/data/real) is not beside this checkout")
-    _, names = build_sampler(load_config(SHIPPED / config))
-    assert names == json.loads((SHIPPED / record).read_text())["training"]["tasks"]
+    _, names = build_sampler(load_config(BACKBONES / config))
+    assert names == json.loads((BACKBONES / record).read_text())["training"]["tasks"]
