@@ -10,6 +10,7 @@ the voxels both scans saw, never over padding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -48,6 +49,17 @@ class SearchGrid:
     @property
     def spacing(self) -> float:
         return float(self.affine[0, 0])
+
+    @cached_property
+    def normal(self) -> torch.Tensor:
+        """The normalised gradient field, shape (3, X, Y, Z), computed once per grid: the gradient over
+        sqrt(|gradient|^2 + eps^2) inside the field of view, eps a fifth of the median gradient magnitude in
+        the body (noise-sized gradients count for little)."""
+        gradient = torch.stack(torch.gradient(self.image)) * self.fov
+        magnitude = gradient.square().sum(0)
+        inside = magnitude[self.body & (magnitude > 0)]
+        eps2 = float(inside.median()) / 25.0 if inside.numel() else 1.0
+        return gradient / torch.sqrt(magnitude + max(eps2, 1e-12))
 
 
 def check_volume(array: np.ndarray, affine: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -185,10 +185,11 @@ class _Scorer:
     def __init__(self, fixed: SearchGrid, moving: SearchGrid, bins: int, stats: tuple[float, ...]) -> None:
         self.fixed, self.moving, self.bins, self.stats = fixed, moving, bins, stats
 
-    def __call__(self, matrix: np.ndarray) -> tuple[float, int]:
+    def __call__(self, matrix: np.ndarray) -> tuple[float, int, float]:
+        """(score, body overlap in voxels, gradient agreement) at ``matrix``."""
         mi, gradients, overlap = similarity_at(self.fixed, self.moving, matrix, self.bins)
         mi_mean, mi_std, g_mean, g_std = self.stats
-        return (mi - mi_mean) / mi_std + (gradients - g_mean) / g_std, overlap
+        return (mi - mi_mean) / mi_std + (gradients - g_mean) / g_std, overlap, gradients
 
 
 def place(
@@ -268,11 +269,10 @@ def place(
     scorer = _Scorer(grid_f, grid_m, config.bins, stats)
     pyramids = pyramids or (Pyramid(fixed, fixed_affine), Pyramid(moving, moving_affine))
     refined = _refine(pyramids, candidates[: config.refine], centre, scorer)
-    best_score, best, overlap = refined[0]
-    others = [s for s, m, _ in refined[1:] if _distance(m, best, centre) > config.distinct_mm]
+    best_score, best, overlap, gradients = refined[0]
+    others = [s for s, m, _, _ in refined[1:] if _distance(m, best, centre) > config.distinct_mm]
     others += [s for s, m in candidates[config.refine :] if _distance(m, best, centre) > config.distinct_mm]
     margin = best_score - max(others) if others else best_score
-    _, gradients, _ = similarity_at(grid_f, grid_m, best, config.bins)
     body = body_agreement(grid_f, grid_m, best)
     conf = confidence(margin, gradients, body)
     return Placement(
@@ -285,7 +285,7 @@ def place(
         confidence=conf,
         sure=conf >= config.threshold,
         seconds=time.perf_counter() - start,
-        candidates=tuple((s, m) for s, m, _ in refined),
+        candidates=tuple((s, m) for s, m, _, _ in refined),
     )
 
 
@@ -306,9 +306,10 @@ def _refine(
     candidates: list[tuple[float, np.ndarray]],
     centre: np.ndarray,
     scorer: _Scorer,
-) -> list[tuple[float, np.ndarray, int]]:
-    """Each candidate refined rigidly (ITK, Mattes MI, at the search's coarse level) and scored again; best
-    first. A refinement that fails or leaves the overlap keeps the candidate as it was."""
+) -> list[tuple[float, np.ndarray, int, float]]:
+    """Each candidate refined rigidly (ITK, Mattes MI, at the search's coarse level) and scored again, as
+    (score, matrix, body overlap, gradient agreement); best first. A refinement that fails or leaves the
+    overlap keeps the candidate as it was."""
     spacing = scorer.fixed.spacing
     levels = [p.level(max(1, int(round(spacing / p.voxel_mm)))) for p in pyramids]
     out = []
@@ -319,10 +320,10 @@ def _refine(
             refined = matrix_from_transform(rigid)
         except RuntimeError:
             refined = matrix
-        score, overlap = scorer(refined)
+        score, overlap, gradients = scorer(refined)
         if overlap == 0:
-            score, overlap = scorer(matrix)
+            score, overlap, gradients = scorer(matrix)
             refined = matrix
-        out.append((score, refined, overlap))
+        out.append((score, refined, overlap, gradients))
     out.sort(key=lambda c: -c[0])
     return out

@@ -91,16 +91,6 @@ class ShiftMaps:
     body_overlap: torch.Tensor
 
 
-def _normalised_gradient(grid: SearchGrid) -> torch.Tensor:
-    """Gradient over sqrt(|gradient|^2 + eps^2) inside the field of view, shape (3, X, Y, Z); eps is a
-    fifth of the median gradient magnitude in the body (noise-sized gradients count for little)."""
-    gradient = torch.stack(torch.gradient(grid.image)) * grid.fov
-    magnitude = gradient.square().sum(0)
-    inside = magnitude[grid.body & (magnitude > 0)]
-    eps2 = float(inside.median()) / 25.0 if inside.numel() else 1.0
-    return gradient / torch.sqrt(magnitude + max(eps2, 1e-12))
-
-
 def _xlogx(x: torch.Tensor) -> torch.Tensor:
     return torch.special.xlogy(x, x)
 
@@ -125,7 +115,7 @@ class MovingSpectra:
         self.classes = torch.stack(
             [correlator.spectrum((moving.bins == b) & moving.fov) for b in range(bins)]
         )
-        normal = _normalised_gradient(moving)
+        normal = moving.normal
         self.products = torch.stack([correlator.spectrum(p) for p in _gradient_products(normal)])
         self.fov = correlator.spectrum(moving.fov.float())
         self.body = correlator.spectrum(moving.body & moving.fov)
@@ -160,7 +150,7 @@ def shift_maps(
     cross = cross - fixed_marginal - _xlogx(moving_marginal).sum(0)
     mutual_information = torch.zeros(size)
     mutual_information.view(-1)[keep] = torch.log(total) + cross / total
-    normal = _normalised_gradient(fixed)
+    normal = fixed.normal
     products = torch.stack([correlator.spectrum(p) for p in _gradient_products(normal)])
     agreement = torch.fft.irfftn((torch.conj(products) * moving.products).sum(0), s=size)
     energy_fixed = correlator.correlate(correlator.spectrum(normal.square().sum(0)), moving.fov)
@@ -205,8 +195,7 @@ def similarity_at(
     moving world, RAS mm): the moving grid's classes and normalised gradient field (computed on its own
     grid, as the maps do) are resampled onto the fixed grid, the gradients turned into the fixed frame.
     """
-    moving_normal = _normalised_gradient(moving)
-    _, classes, fov, normal = resample_grid(moving, fixed, matrix, moving_normal)
+    _, classes, fov, normal = resample_grid(moving, fixed, matrix, moving.normal)
     # A gradient in the moving frame, seen from the fixed frame: g_f = A^T g_m (A the linear part).
     n_moving = torch.einsum("ji,j...->i...", torch.from_numpy(matrix[:3, :3].astype(np.float32)), normal)
     both = fov & fixed.fov
@@ -214,7 +203,7 @@ def similarity_at(
     pairs = fixed.bins[both] * bins + classes[both]
     joint += torch.bincount(pairs, minlength=bins * bins).view(bins, bins).float()
     mi = float(_mutual_information(joint[..., None])[0])
-    n_fixed = _normalised_gradient(fixed)
+    n_fixed = fixed.normal
     agreement = float(((n_fixed * n_moving).sum(0).square() * both).sum())
     energy_fixed = float((n_fixed.square().sum(0) * both).sum())
     energy_moving = float((n_moving.square().sum(0) * both).sum())
