@@ -48,7 +48,7 @@ clean:
 demo: install
 	$(BIN)/medmeta demo
 
-# The clinical stack (Orthanc + DICOMweb + Chromium from Debian's packages, OHIF from monailabel); see README.
+# The clinical stack (Orthanc + DICOMweb + Chromium from Debian's packages, OHIF from monailabel); see docs/STACK.md.
 test-stack: install-stack
 	@missing=$$(for p in $(STACK_DEBS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | \
 		grep -q ' installed$$' || echo $$p; done); \

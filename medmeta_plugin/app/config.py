@@ -35,7 +35,7 @@ class AppConfig:
     Attributes:
         backbone: the meta-learned backbone (``.safetensors``); default the shipped one in ``sample_apps``.
         mode: adapter mode fitted on submitted labels; ``head`` by default (features cached, seconds on a
-            CPU), the mode the few-shot benchmark chose (see README, Results).
+            CPU), the mode the few-shot benchmark chose (docs/BENCHMARKS.md).
         head: segmentation head of adapted structures: ``position`` (features and where the voxel lies in
             the body, which tells mirror-image structures apart) or ``linear`` (features only); ``position``
             by measurement (docs/benchmarks/position-head.md).

@@ -216,6 +216,12 @@ def test_with_authentication_enabled_the_app_endpoints_require_it(tmp_path: Path
             "train unknown": lambda: requests.post(f"{url}/train/nope", timeout=10),
             "scoring": lambda: requests.post(f"{url}/scoring/medmeta_uncertainty", timeout=10),
             "strategy": lambda: requests.post(f"{url}/activelearning/medmeta_uncertainty", timeout=10),
+            "label revisions": lambda: requests.get(
+                f"{url}/datastore/label/revisions", params={"image": "a"}, timeout=10
+            ),
+            "restore a revision": lambda: requests.post(
+                f"{url}/datastore/label/restore", params={"image": "a", "revision": 1}, timeout=10
+            ),
         }
         answers = {name: call().status_code for name, call in calls.items()}
         assert answers == {name: 401 for name in calls}, answers
