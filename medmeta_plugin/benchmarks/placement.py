@@ -409,7 +409,7 @@ def plot(records: Sequence[dict[str, Any]], path: str) -> str:
 
 #: The placement's figures the confidence is fitted on (:data:`~medmeta_plugin.registration.placement.
 #: CONFIDENCE_WEIGHTS`).
-CONFIDENCE_FIGURES = ("margin", "gradients", "outline")
+CONFIDENCE_FIGURES = ("margin", "gradients", "body")
 
 
 def calibrate(records: Sequence[dict[str, Any]], steps: int = 20_000, l2: float = 0.02) -> dict[str, Any]:
@@ -429,11 +429,7 @@ def calibrate(records: Sequence[dict[str, Any]], steps: int = 20_000, l2: float 
         raise ValueError("calibration needs medmeta records with both right and wrong placements.")
     x = np.array(
         [
-            [
-                min(r["placement"]["margin"], MARGIN_CAP),
-                r["placement"]["gradients"],
-                r["placement"]["outline"],
-            ]
+            [min(r["placement"]["margin"], MARGIN_CAP), r["placement"]["gradients"], r["placement"]["body"]]
             for r in ours
         ]
     )
