@@ -409,7 +409,7 @@ def plot(records: Sequence[dict[str, Any]], path: str) -> str:
 
 #: The placement's figures the confidence is fitted on (:data:`~medmeta_plugin.registration.placement.
 #: CONFIDENCE_WEIGHTS`).
-CONFIDENCE_FIGURES = ("margin", "gradients", "body")
+CONFIDENCE_FIGURES = ("margin", "gradients", "outline")
 
 
 def calibrate(records: Sequence[dict[str, Any]], steps: int = 20_000, l2: float = 0.02) -> dict[str, Any]:
@@ -429,7 +429,11 @@ def calibrate(records: Sequence[dict[str, Any]], steps: int = 20_000, l2: float 
         raise ValueError("calibration needs medmeta records with both right and wrong placements.")
     x = np.array(
         [
-            [min(r["placement"]["margin"], MARGIN_CAP), r["placement"]["gradients"], r["placement"]["body"]]
+            [
+                min(r["placement"]["margin"], MARGIN_CAP),
+                r["placement"]["gradients"],
+                r["placement"]["outline"],
+            ]
             for r in ours
         ]
     )

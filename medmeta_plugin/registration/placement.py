@@ -12,9 +12,11 @@ a brain at another scanner pose) start anywhere, so a placement stage finds the 
    the fixed grid is also turned by each rotation first (the patient's own pose).
 3. The best ``peaks`` shifts per rotation, at least ``separation_mm`` apart, are candidates; the best
    ``refine`` of them are refined by a rigid registration at the coarse level and scored again.
-4. The best refined candidate is the placement. Its confidence comes from how far it stands out: its
-   score, and its margin over the best refined candidate that puts the scan more than ``distinct_mm``
-   elsewhere (a second, different answer that is nearly as good is a guess, not a finding).
+4. The best refined candidate is the placement. Its confidence (:func:`confidence`) comes from how far it
+   stands out - its margin over the best candidate that puts the scan more than ``distinct_mm`` elsewhere
+   (a second, different answer that is nearly as good is a guess, not a finding) - from how well the two
+   scans' edges agree there, and from how well their bodies' outlines do (a head in an abdomen does not
+   fit its outline, however its inner edges happen to match).
 
 Every matrix maps a fixed (query) world point, RAS mm, to the moving (support) world point on it.
 """
@@ -33,7 +35,7 @@ from medmeta_plugin.registration.pyramid import Pyramid
 from medmeta_plugin.registration.similarity import (
     Correlator,
     MovingSpectra,
-    body_agreement,
+    outline_agreement,
     resample_grid,
     shift_maps,
     similarity_at,
@@ -68,7 +70,7 @@ class PlacementConfig:
     rotations: tuple[tuple[float, float, float], ...] = ((0.0, 0.0, 0.0),)
     refine: int = 4
     distinct_mm: float = 30.0
-    threshold: float = 0.7
+    threshold: float = 0.6
 
     def __post_init__(self) -> None:
         if not 1.0 <= self.spacing_mm <= 20.0:
@@ -94,9 +96,9 @@ class Placement:
             away (``score`` itself when there is none).
         overlap: body overlap at the placement, as a fraction of the smaller scan's body.
         gradients: the normalised gradient fields' agreement at the placement, in [0, 1] (not z-scored).
-        body: Dice of the two bodies where both scans see (:func:`~medmeta_plugin.registration.similarity.
-            body_agreement`).
-        confidence: in [0, 1], from margin, gradients and body (:func:`confidence`).
+        outline: Dice of the two bodies' outlines where both scans see (:func:`~medmeta_plugin.registration.
+            similarity.outline_agreement`).
+        confidence: in [0, 1], from margin, gradients and outline (:func:`confidence`).
         sure: ``confidence >= threshold``: the placement is served as a finding, else flagged as a guess.
         seconds: wall time.
         candidates: (score, matrix) of every refined candidate, best first.
@@ -107,7 +109,7 @@ class Placement:
     margin: float
     overlap: float
     gradients: float
-    body: float
+    outline: float
     confidence: float
     sure: bool
     seconds: float
@@ -122,7 +124,7 @@ class Placement:
             "margin": round(self.margin, 2),
             "overlap": round(self.overlap, 3),
             "gradients": round(self.gradients, 3),
-            "body": round(self.body, 3),
+            "outline": round(self.outline, 3),
         }
 
 
@@ -140,25 +142,26 @@ def rotation_matrix(rotation_deg: tuple[float, float, float] | np.ndarray) -> np
 # How confidence is computed: a logistic curve of three figures of the chosen placement, fitted on the
 # development pairs of the field-of-view suite (docs/benchmarks/placement.md), where a placement is wrong if
 # it lies more than 30 mm from the truth along the body axis or pairs a head with an abdomen. The margin is
-# capped (a placement with no rival at all is not infinitely sure). The score itself is left out: as a
+# capped (a placement with no rival at all is not infinitely sure). The outline replaced the Otsu body's
+# Dice, which on MR follows whichever tissue the sequence makes bright. The score itself is left out: as a
 # z-score over every shift it grows with the number of shifts a thin slab has in a long scan, so a head
 # slab in an abdomen scored as high as a right placement (docs/benchmarks/placement.md).
-CONFIDENCE_WEIGHTS = {"margin": 0.301, "gradients": 11.861, "body": 2.399}
-CONFIDENCE_BIAS = -7.226
+CONFIDENCE_WEIGHTS = {"margin": 0.239, "gradients": 12.413, "outline": 7.571}
+CONFIDENCE_BIAS = -11.028
 MARGIN_CAP = 10.0
 # Voxels the rigid refinement of a candidate samples (a seeded regular grid): 0.09 s a candidate where all
 # of a 6 mm grid's voxels took 0.2-0.5 s, for a start that the local stages refine again anyway.
 REFINE_SAMPLES = 10_000
 
 
-def confidence(margin: float, gradients: float, body: float) -> float:
+def confidence(margin: float, gradients: float, outline: float) -> float:
     """The probability, by the development suite, that a placement with these figures is right.
 
     Args:
         margin: :attr:`Placement.margin` (capped at ``MARGIN_CAP``); gradients: :attr:`Placement.gradients`;
-        body: :attr:`Placement.body`.
+        outline: :attr:`Placement.outline`.
     """
-    figures = {"margin": min(margin, MARGIN_CAP), "gradients": gradients, "body": body}
+    figures = {"margin": min(margin, MARGIN_CAP), "gradients": gradients, "outline": outline}
     z = CONFIDENCE_BIAS + sum(CONFIDENCE_WEIGHTS[k] * v for k, v in figures.items())
     return float(1.0 / (1.0 + np.exp(-z)))
 
@@ -169,8 +172,8 @@ def _rotated(grid: SearchGrid, rotation: np.ndarray, centre: np.ndarray, bins: i
     turn[:3, :3] = rotation
     turn[:3, 3] = centre - rotation @ centre
     # content'(p) = content(turn^-1 p): resample through turn^-1 as a fixed -> moving matrix onto itself
-    image, classes, fov = resample_grid(grid, grid, np.linalg.inv(turn))
-    return SearchGrid(image, fov, classes, grid.affine)
+    image, classes, fov, outline = resample_grid(grid, grid, np.linalg.inv(turn), grid.outline[None].float())
+    return SearchGrid(image, fov, classes, grid.affine, outline[0] > 0.5)
 
 
 def _body_centre(grid: SearchGrid) -> np.ndarray:
@@ -273,15 +276,15 @@ def place(
     others = [s for s, m, _, _ in refined[1:] if _distance(m, best, centre) > config.distinct_mm]
     others += [s for s, m in candidates[config.refine :] if _distance(m, best, centre) > config.distinct_mm]
     margin = best_score - max(others) if others else best_score
-    body = body_agreement(grid_f, grid_m, best)
-    conf = confidence(margin, gradients, body)
+    outline = outline_agreement(grid_f, grid_m, best)
+    conf = confidence(margin, gradients, outline)
     return Placement(
         matrix=best,
         score=best_score,
         margin=margin,
         overlap=overlap / smaller,
         gradients=gradients,
-        body=body,
+        outline=outline,
         confidence=conf,
         sure=conf >= config.threshold,
         seconds=time.perf_counter() - start,

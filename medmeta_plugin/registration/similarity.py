@@ -30,7 +30,7 @@ __all__ = [
     "Correlator",
     "MovingSpectra",
     "ShiftMaps",
-    "body_agreement",
+    "outline_agreement",
     "resample_grid",
     "shift_maps",
     "similarity_at",
@@ -211,15 +211,16 @@ def similarity_at(
     return mi, gradients, int(joint[1:, 1:].sum())
 
 
-def body_agreement(fixed: SearchGrid, moving: SearchGrid, matrix: np.ndarray) -> float:
-    """Dice of the two bodies where both scans see, at ``matrix`` (fixed world -> moving world).
+def outline_agreement(fixed: SearchGrid, moving: SearchGrid, matrix: np.ndarray) -> float:
+    """Dice of the two bodies' outlines (:attr:`~medmeta_plugin.registration.grids.SearchGrid.outline`)
+    where both scans see, at ``matrix`` (fixed world -> moving world).
 
-    Two placements of one body region coincide in outline (two adults' abdomens, two heads); a head placed
-    in an abdomen does not, however well its inner edges happen to match (0.54-0.75 against 0.77-0.98 for
-    right placements of the same modality on the development pairs, docs/benchmarks/placement.md).
+    Two right placements of one body region coincide in outline (two adults' abdomens, two heads), across CT
+    and MR too; a head placed in an abdomen does not, however well its inner edges happen to match
+    (docs/benchmarks/placement.md has the development pairs' figures).
     """
-    _, classes, fov = resample_grid(moving, fixed, matrix)
+    _, _, fov, outline = resample_grid(moving, fixed, matrix, moving.outline[None].float())
     both = fov & fixed.fov
-    a, b = fixed.body & both, (classes > 0) & both
+    a, b = fixed.outline & both, (outline[0] > 0.5) & both
     total = int(a.sum() + b.sum())
     return float(2 * (a & b).sum() / total) if total else 0.0

@@ -27,7 +27,7 @@ def _placement(sure: bool, confidence: float) -> Placement:
         margin=1.0,
         overlap=0.8,
         gradients=0.6,
-        body=0.9,
+        outline=0.9,
         confidence=confidence,
         sure=sure,
         seconds=0.1,

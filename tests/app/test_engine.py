@@ -289,7 +289,7 @@ def _unsure(*args) -> Registration:
 
 ALONE = "the adapted network's answer alone"
 REGISTERED = "registered: carried masks of 1 of 1 labelled scans placed sure"
-UNSURE = f"placement unsure (confidence 0.21 < 0.7): {ALONE}"
+UNSURE = f"placement unsure (confidence 0.21 < 0.6): {ALONE}"
 
 
 # ball adapted on scan a; conf, scan segmented, placement flagged unsure -> found_by, supports, sure_supports,
@@ -365,7 +365,7 @@ def test_some_placements_unsure_leave_the_sure_ones_serving(engine: Engine, stud
     volume, probs = engine.probabilities(image_c)
     found = engine.segment(image_c).provenance["ball"]
     assert (found.found_by, found.supports, found.sure_supports, found.sure) == ("registered", 2, 1, True)
-    assert "1 of 2" in found.note and "left out: 1 placed unsure (confidence 0.21 < 0.7)" in found.note
+    assert "1 of 2" in found.note and "left out: 1 placed unsure (confidence 0.21 < 0.6)" in found.note
     # The answer is scan a's carried mask alone.
     served_a = engine._atlas.prior(image_c, volume, engine.atlas_examples("ball")[:1])
     assert torch.equal(probs["ball"] > 0.5, served_a.prior >= 0.5)

@@ -53,14 +53,18 @@ def _write_case(
     seed: int,
     names: tuple[str, ...] = ("kidney_left", "gallbladder"),
 ) -> None:
-    """A tiny scan with two structures (by default held-out abdominal ones: kidney_left 1, gallbladder 2)."""
+    """A tiny scan with two structures (by default held-out abdominal ones: kidney_left 1, gallbladder 2) in
+    a body: one elliptic cylinder along the third axis (28 x 22 voxels across) around them in every case, in
+    air, so that two cases see the same body as two scans of one region do."""
     folder.mkdir(parents=True)
     label = np.zeros((1, *shape), np.uint8)
     x, y, z = (n // 2 for n in shape)
     label[0, x - 6 : x - 1, y - 4 : y + 4, max(z - 4, 0) : z + 4] = 1
     label[0, x + 2 : x + 6, y - 3 : y + 2, max(z - 3, 0) : z + 3] = 2
+    i, j, _ = np.indices(shape)
+    body = ((i - x) / 14) ** 2 + ((j - y) / 11) ** 2 <= 1
     rng = np.random.default_rng(seed)
-    image = rng.normal(size=label.shape) + 2.0 * (label == 1) - 1.5 * (label == 2)
+    image = rng.normal(size=label.shape) - 4.0 * ~body + 2.0 * (label == 1) - 1.5 * (label == 2)
     meta = ImageMeta.from_affine(np.diag([3.0, 3.0, 3.0, 1.0]), shape)
     write_image(folder / "image.nii.gz", image.astype(np.float32), meta)
     write_image(folder / "label.nii.gz", label, meta)

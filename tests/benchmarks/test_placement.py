@@ -51,7 +51,7 @@ def _ours(
     placement_seconds: float = 0.5,
     margin: float = 2.0,
     gradients: float = 0.5,
-    body: float = 0.5,
+    outline: float = 0.5,
 ) -> dict[str, Any]:
     """A ``medmeta`` record: the placement's figures and its error (None for ``head-abdomen``)."""
     placement = {
@@ -61,7 +61,7 @@ def _ours(
         "margin": margin,
         "overlap": 0.8,
         "gradients": gradients,
-        "body": body,
+        "outline": outline,
     }
     return _record(
         pair,
@@ -154,15 +154,15 @@ def _calibration_records(separating: str, seed: int = 0) -> list[dict[str, Any]]
     """30 right and 20 wrong ``medmeta`` placements (5 of them heads against abdomens) that only the figure
     ``separating`` tells apart, plus records calibration must skip (other methods, no placement)."""
     rng = np.random.default_rng(seed)
-    high = {"margin": (5.0, 9.0), "gradients": (0.55, 0.95), "body": (0.6, 0.95)}
-    low = {"margin": (0.0, 4.0), "gradients": (0.05, 0.45), "body": (0.1, 0.5)}
-    noise = {"margin": (0.0, 9.0), "gradients": (0.05, 0.95), "body": (0.1, 0.95)}
+    high = {"margin": (5.0, 9.0), "gradients": (0.55, 0.95), "outline": (0.6, 0.95)}
+    low = {"margin": (0.0, 4.0), "gradients": (0.05, 0.45), "outline": (0.1, 0.5)}
+    noise = {"margin": (0.0, 9.0), "gradients": (0.05, 0.95), "outline": (0.1, 0.95)}
     records = []
     for i in range(50):
         right = i < 30
         figures = {
             name: rng.uniform(*(high if right else low)[name] if name == separating else noise[name])
-            for name in ("margin", "gradients", "body")
+            for name in ("margin", "gradients", "outline")
         }
         cls = "head-abdomen" if i >= 45 else "ct-ct"
         error = (
@@ -174,11 +174,11 @@ def _calibration_records(separating: str, seed: int = 0) -> list[dict[str, Any]]
     return records
 
 
-@pytest.mark.parametrize("separating", ["margin", "gradients", "body"])
+@pytest.mark.parametrize("separating", ["margin", "gradients", "outline"])
 def test_calibrate_weighs_the_figure_that_separates(separating: str) -> None:
     fitted = calibrate(_calibration_records(separating))
     assert (fitted["right"], fitted["wrong"]) == (30, 20)
-    assert set(fitted["weights"]) == {"margin", "gradients", "body"}
+    assert set(fitted["weights"]) == {"margin", "gradients", "outline"}
     assert fitted["weights"][separating] > 0
     at_half = fitted["thresholds"]["0.5"]
     assert at_half["wrong_flagged"] >= 0.95 and at_half["right_passed"] >= 0.95

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medmeta_plugin.registration.grids import check_volume, otsu_threshold, search_grid, soft_tissue_window
+from medmeta_plugin.registration.grids import (
+    air_threshold,
+    check_volume,
+    otsu_threshold,
+    search_grid,
+    soft_tissue_window,
+)
 from medmeta_plugin.registration.placement import rotation_matrix
 
 SPACING_MM = 6.0  # the placement search's default grid (PlacementConfig.spacing_mm)
@@ -210,6 +216,63 @@ def test_otsu_threshold_falls_between_air_and_body(air, body) -> None:
     values = np.r_[rng.normal(air, spread, 3000), rng.normal(body, spread, 1000)]
     threshold = otsu_threshold(values)
     assert air + 3 * spread < threshold < body - 3 * spread
+
+
+@pytest.mark.parametrize(
+    ("air", "dark", "bright"),
+    [(0.0, 100.0, 600.0), (-1000.0, -100.0, 40.0), (10.0, 40.0, 1000.0)],  # an MR, a CT, a dark MR body
+)
+def test_air_threshold_falls_between_air_and_the_darkest_tissue(air, dark, bright) -> None:
+    """Otsu alone splits the bright tissue from the rest (air and dark tissue together, on an MR); the air
+    threshold falls below the dark tissue, whichever modality's scale."""
+    rng = np.random.default_rng(0)
+    spread = (dark - air) / 15
+    values = np.r_[
+        rng.normal(air, spread, 3000), rng.normal(dark, spread, 3000), rng.normal(bright, spread, 600)
+    ]
+    threshold = air_threshold(values)
+    assert air + 3 * spread < threshold < dark - 3 * spread
+    assert air_threshold(values, max_values=1000) == pytest.approx(threshold, abs=3 * spread)
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0])
+def test_a_scan_without_air_is_brighter_than_air_everywhere(scale) -> None:
+    """One mode of intensities (a field of view inside the body, a scan of noise): Otsu cuts it in two, but
+    neither half is air, so the whole scan is; a constant scan is no body at all."""
+    values = np.random.default_rng(2).normal(0.0, scale, 20_000)
+    assert air_threshold(values) == -np.inf
+    assert air_threshold(np.full(100, 5.0)) == 5.0
+    grid = search_grid(
+        values.reshape(40, 25, 20).astype(np.float32), np.diag([3.0, 3.0, 3.0, 1.0]), SPACING_MM, bins=6
+    )
+    np.testing.assert_array_equal(grid.outline.numpy(), grid.fov.numpy())
+
+
+def _dark_body_with_bright_rim(shape=(40, 40, 12)) -> np.ndarray:
+    """An MR-like slab: air (0) around an elliptic body of dark tissue (100) with a bright blob (600) inside
+    and a bright rim on one side only, so the bright voxels enclose nothing."""
+    x, y, _ = np.indices(shape)
+    inside = ((x - 20) / 16) ** 2 + ((y - 20) / 12) ** 2 <= 1
+    image = np.where(inside, 100.0, 0.0)
+    image[inside & (x > 30)] = 600.0
+    image[16:20, 16:20] = 600.0
+    return image + np.random.default_rng(1).normal(0, 3, shape)
+
+
+def test_the_outline_covers_the_whole_body_where_the_otsu_body_misses_dark_tissue() -> None:
+    """The outline is everything brighter than air, filled per axial slice: on a dark body with bright parts
+    it is the whole body, where the Otsu body (the bright voxels) is not."""
+    image = _dark_body_with_bright_rim()
+    grid = search_grid(image, np.diag([3.0, 3.0, 3.0, 1.0]), SPACING_MM, bins=6)
+    x, y, _ = np.indices(image.shape)
+    truth = (((x - 20) / 16) ** 2 + ((y - 20) / 12) ** 2 <= 1).mean()
+    fov = grid.fov.numpy()
+    outline, body = grid.outline.numpy()[fov].sum(), grid.body.numpy()[fov].sum()
+    # Voxel counts on the 6 mm grid against the body's volume (3 mm voxels, 8 per grid voxel).
+    expected = truth * image.size / 8
+    assert abs(outline - expected) < 0.15 * expected, (outline, expected)
+    assert body < 0.6 * expected, (body, expected)
+    assert not (grid.outline & ~grid.fov).any()
 
 
 # ----- check_volume --------------------------------------------------------------------------------------
