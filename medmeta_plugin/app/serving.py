@@ -85,6 +85,7 @@ class Serving:
         restored = store.restore(model)
         with self._lock:
             self.model, self.store, self._loaded = model, store, dict(restored)
+            self._atlas_examples = {}  # keyed by version, and a new backbone's store numbers from 1 again
             self._features.reset(backbone.size_divisor)
             self._backbone_stamp = (str(path), path.stat().st_mtime_ns)
         logger.info("medmeta backbone %s, adapters restored: %s", path, restored or "none")

@@ -77,6 +77,20 @@ def _unlabelled(datastore: Datastore) -> list[str]:
     return sorted(images)
 
 
+def _or_skipped(fn: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``fn`` with a scan that cannot be read (its ``ValueError``) logged and answered None: one bad file
+    in the datastore must not stop the choice among the others."""
+
+    def guarded(image_id: str) -> Any:
+        try:
+            return fn(image_id)
+        except ValueError as err:
+            logger.warning("active learning skips %s: %s", image_id, err)
+            return None
+
+    return guarded
+
+
 class UncertaintyStrategy(Strategy):
     """``POST /activelearning/medmeta_uncertainty``."""
 
@@ -91,7 +105,7 @@ class UncertaintyStrategy(Strategy):
             chosen = DiversityStrategy(self.runtime)(request, datastore)
             chosen["reason"] = "no structure adapted yet: chose by diversity"
             return chosen
-        best = select_uncertain(candidates, self.runtime.uncertainty)
+        best = select_uncertain(candidates, _or_skipped(self.runtime.uncertainty))
         if best is None:
             raise HTTPException(422, "no unlabelled scan could be scored (see the server log).")
         return {"id": best[0], "score": best[1], "strategy": "medmeta_uncertainty"}
@@ -107,9 +121,12 @@ class DiversityStrategy(Strategy):
     def __call__(self, request: Mapping[str, Any], datastore: Datastore) -> dict[str, Any]:
         candidates = _unlabelled(datastore)
         labelled = sorted(datastore.get_labeled_images(DefaultLabelTag.FINAL.value))
-        best = select_diverse(candidates, labelled, self.runtime.embedding)
+        embed = _or_skipped(self.runtime.embedding)
+        embeddings = {i: e for i in [*candidates, *labelled] if (e := embed(i)) is not None}
+        readable = [c for c in candidates if c in embeddings]
+        best = select_diverse(readable, [i for i in labelled if i in embeddings], embeddings.__getitem__)
         if best is None:
-            raise HTTPException(404, "no unlabelled scan to select.")
+            raise HTTPException(422, "no unlabelled scan could be read (see the server log).")
         return {"id": best[0], "score": best[1], "strategy": "medmeta_diversity"}
 
 

@@ -17,6 +17,7 @@ from medmeta_plugin.episodes.synthetic import (
     PhantomConfig,
     case_plans,
     check_plan,
+    check_shape,
     make_case,
 )
 from medmeta_plugin.io import ImageMeta, write_image
@@ -57,6 +58,7 @@ def write_synthetic_dataset(
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise ValueError(f"{root}: exists and is not an empty folder; refusing to write into it.")
     families = check_plan(families, n_cases, structures_per_case)
+    shape = check_shape(shape)  # before anything is written: a refused call leaves no folder behind
     config = config or PhantomConfig()
     root.mkdir(parents=True, exist_ok=True)
     declarations = {

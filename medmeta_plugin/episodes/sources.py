@@ -100,7 +100,8 @@ def parse_structures(raw: object, where: str) -> dict[int, str]:
         ``{label value: structure name}`` without the background value 0.
 
     Raises:
-        ValueError: if a key is not an integer >= 0, a name is invalid, or two values share a name.
+        ValueError: if a key is not an integer >= 0, two keys spell one value (``1`` and ``01``), a name is
+            invalid, or two values share a name.
     """
     structures: dict[int, str] = {}
     for key, name in _object(raw, where).items():
@@ -110,6 +111,8 @@ def parse_structures(raw: object, where: str) -> dict[int, str]:
         if value == 0:
             continue
         name = _name(name, "structure name", where)
+        if value in structures:
+            raise ValueError(f"{where}: label value {value} is given twice (key {key!r}).")
         if name in structures.values():
             raise ValueError(f"{where}: structure name {name!r} is given to two label values.")
         structures[value] = name
@@ -184,9 +187,32 @@ def parse_targets(raw: object, declarations: dict[str, TargetSpec], where: str) 
     return targets
 
 
+# Headers whose voxels lie in a data file beside them, and the header line that names it.
+_DETACHED_HEADERS = {
+    ".nhdr": re.compile(r"data ?file:\s*(\S+)"),
+    ".mhd": re.compile(r"ElementDataFile\s*=\s*(\S+)"),
+}
+
+
+def _data_files(header: Path) -> set[str]:
+    """The names of the data files a detached header (``.nhdr``, ``.mhd``) names beside itself."""
+    pattern = _DETACHED_HEADERS[header.suffix.lower()]
+    with open(header, "rb") as f:
+        text = f.read(65536).decode("latin-1")
+    return {Path(m).name for m in pattern.findall(text)}
+
+
 def _find_one(folder: Path, stem: str) -> Path | None:
-    """The single child named ``stem`` or ``stem.<ext>`` of ``folder`` (None if absent)."""
+    """The single child named ``stem`` or ``stem.<ext>`` of ``folder`` (None if absent); a detached header
+    counts as one file with the data files it names."""
     found = sorted(p for p in folder.iterdir() if p.name == stem or p.name.startswith(stem + "."))
+    headers = [p for p in found if p.suffix.lower() in _DETACHED_HEADERS]
+    if (
+        len(found) > 1
+        and len(headers) == 1
+        and {p.name for p in found} - {headers[0].name} <= _data_files(headers[0])
+    ):
+        return headers[0]
     if len(found) > 1:
         raise ValueError(f"{folder}: several {stem} files, expected one: {[p.name for p in found]}.")
     return found[0] if found else None

@@ -43,6 +43,7 @@ __all__ = [
     "SyntheticCase",
     "case_plans",
     "check_plan",
+    "check_shape",
     "make_case",
     "synthetic_registry",
 ]
@@ -222,7 +223,8 @@ def _check_families(families: Sequence[str]) -> tuple[str, ...]:
     return tuple(families)
 
 
-def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+def check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """A phantom's spatial shape as three ints; ValueError unless three integers of at least 24 voxels."""
     # 24 voxels: at 16, four structures of min_voxels each failed to fit in ~1% of 300 seeds; at 24, none did.
     if len(shape) != 3 or any(
         isinstance(n, bool) or not isinstance(n, int | np.integer) or n < _MIN_SIZE for n in shape
@@ -253,7 +255,7 @@ def make_case(
         ValueError: on an unknown or repeated family, a bad shape, or a seed that is not an integer.
         RuntimeError: if a structure finds no valid placement in ``config.max_attempts`` draws.
     """
-    families, shape = _check_families(families), _check_shape(shape)
+    families, shape = _check_families(families), check_shape(shape)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise ValueError(f"seed must be an integer, got {seed!r}.")
     config = config or PhantomConfig()
@@ -400,7 +402,7 @@ def synthetic_registry(
         ValueError: on an unknown or repeated family, ``n_cases`` < 1, or a bad ``structures_per_case``.
     """
     families = check_plan(families, n_cases, structures_per_case)
-    shape = _check_shape(shape)
+    shape = check_shape(shape)
     config = config or PhantomConfig()
     cases = []
     for index, (chosen, case_seed) in enumerate(case_plans(families, n_cases, seed, structures_per_case)):

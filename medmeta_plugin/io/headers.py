@@ -16,7 +16,7 @@ import numpy as np
 
 from medmeta_plugin.io.formats import file_format
 
-__all__ = ["DeclaredSize", "check_nrrd_inflation", "declared_size"]
+__all__ = ["DeclaredSize", "check_nrrd_inflation", "declared_size", "nrrd_spatial_axes"]
 
 # A MetaImage header is a few hundred bytes of text before its data (or its data file's name).
 _MHA_HEADER_BYTES = 65536
@@ -24,6 +24,8 @@ _MHA_HEADER_BYTES = 65536
 _CHUNK = 1 << 20
 # The widest NRRD sample type (double, int64): the most bytes a declared voxel can take.
 _MAX_SAMPLE_BYTES = 8
+# NRRD axis kinds that are space (the rest, "vector", "list", "RGB-color" ..., are channels).
+_NRRD_SPATIAL_KINDS = ("domain", "space")
 
 
 class DeclaredSize(NamedTuple):
@@ -50,6 +52,24 @@ def _three(values: list[float], fill: float) -> tuple[float, float, float]:
     return (float(padded[0]), float(padded[1]), float(padded[2]))
 
 
+def nrrd_spatial_axes(header: dict, ndim: int) -> list[int]:
+    """The spatial axes of a NRRD (pynrrd's axis order): those with finite ``space directions``; without
+    directions those whose ``kinds`` are spatial; with neither, every axis of an image of at most three (of
+    more, none: which axis is which cannot be told).
+
+    Args:
+        header: the header as ``nrrd.read_header`` returns it; ndim: its number of axes (``sizes``).
+    """
+    directions = header.get("space directions")
+    kinds = header.get("kinds")
+    if directions is not None:
+        rows = [np.asarray(r, dtype=np.float64) for r in directions]
+        return [axis for axis in range(ndim) if np.all(np.isfinite(rows[axis]))]
+    if kinds is not None:
+        return [axis for axis, kind in enumerate(kinds) if str(kind).lower() in _NRRD_SPATIAL_KINDS]
+    return list(range(ndim)) if ndim <= 3 else []
+
+
 def declared_size(path: str | Path) -> DeclaredSize | None:
     """The size ``path``'s header declares, or None for a DICOM folder (its files are each small; the
     series reader checks them), a file of an unknown format or a header too malformed to say (the full
@@ -71,14 +91,13 @@ def declared_size(path: str | Path) -> DeclaredSize | None:
         if fmt == "nrrd":
             header = nrrd.read_header(str(path))
             sizes = [int(s) for s in header["sizes"]]
+            spatial = nrrd_spatial_axes(header, len(sizes))
             directions = header.get("space directions")
             if directions is not None:
-                rows = [np.asarray(r, dtype=np.float64) for r in directions]
-                spatial = [i for i, r in enumerate(rows) if np.all(np.isfinite(r))]
-                spacing = [float(np.linalg.norm(rows[i])) for i in spatial]
+                spacing = [float(np.linalg.norm(np.asarray(directions[i], np.float64))) for i in spatial]
             else:
-                spatial = list(range(min(3, len(sizes))))
-                spacing = [float(s) for s in header.get("spacings", [1.0] * len(sizes))][: len(spatial)]
+                spacings = [float(s) for s in header.get("spacings", [1.0] * len(sizes))]
+                spacing = [spacings[i] for i in spatial]
             other = [s for i, s in enumerate(sizes) if i not in spatial]
             shape = tuple(int(s) for s in _three([float(sizes[i]) for i in spatial], 1.0))
             return DeclaredSize(shape, _three(spacing, 1.0), int(np.prod(other, dtype=np.int64)) or 1)  # type: ignore[arg-type]
@@ -120,17 +139,35 @@ def check_nrrd_inflation(path: str | Path) -> None:
         allowed = int(np.prod(sizes, dtype=np.float64)) * _MAX_SAMPLE_BYTES + max(
             int(header.get("byte skip", 0)), 0
         )
+        # Lines skipped before the (compressed) stream; byte skip applies to the inflated data.
+        line_skip = max(int(header.get("line skip", 0)), 0)
         if detached is None:
+            _skip_lines(fh, line_skip)
             _inflate_at_most(fh, encoding, allowed, path)
             return
     data_file = path.parent / str(detached)
     if str(detached).upper().startswith("LIST") or " " in str(detached).strip() or not data_file.is_file():
         return
     with open(data_file, "rb") as fh:
+        _skip_lines(fh, line_skip)
         _inflate_at_most(fh, encoding, allowed, data_file)
 
 
+def _skip_lines(fh: BinaryIO, lines: int) -> None:
+    for _ in range(lines):
+        fh.readline()
+
+
 def _inflate_at_most(fh: BinaryIO, encoding: str, allowed: int, path: Path) -> None:
+    """Inflate ``fh``'s stream a chunk at a time; ValueError (naming ``path``) past ``allowed`` bytes or on a
+    stream that is not valid ``encoding`` data."""
+    try:
+        _count_inflated(fh, encoding, allowed, path)
+    except (zlib.error, OSError, EOFError) as err:
+        raise ValueError(f"{path}: its {encoding} data is corrupt ({err}); it cannot be read.") from err
+
+
+def _count_inflated(fh: BinaryIO, encoding: str, allowed: int, path: Path) -> None:
     gzip_stream = encoding in ("gzip", "gz")
     inflater = zlib.decompressobj(zlib.MAX_WBITS | 16) if gzip_stream else bz2.BZ2Decompressor()
     total = 0

@@ -66,6 +66,11 @@ class ImageMeta:
         if np.any(spacing <= 0) or not np.all(np.isfinite(linear)):
             raise ValueError(f"{source or 'image'}: affine is singular or not finite: {affine.tolist()}.")
         direction = linear / spacing[None, :]
+        # Unit columns: |det| is 1 on an orthogonal grid, less if sheared, 0 where two axes are parallel.
+        if abs(float(np.linalg.det(direction))) < 1e-3:
+            raise ValueError(
+                f"{source or 'image'}: affine is singular (two voxel axes along one line): {affine.tolist()}."
+            )
         return cls(
             spacing=tuple(float(s) for s in spacing),
             origin=tuple(float(o) for o in affine[:3, 3]),

@@ -18,7 +18,7 @@ import numpy as np
 from medmeta_plugin.io.dicom import read_dicom_series
 from medmeta_plugin.io.formats import file_format, flip_lps_ras
 from medmeta_plugin.io.geometry import check_label_geometry
-from medmeta_plugin.io.headers import check_nrrd_inflation
+from medmeta_plugin.io.headers import check_nrrd_inflation, nrrd_spatial_axes
 from medmeta_plugin.io.meta import ImageMeta
 
 __all__ = ["read_image", "read_label"]
@@ -32,7 +32,6 @@ _NRRD_SPACE_TO_RAS = {
     "left-posterior-superior": (-1.0, -1.0, 1.0),
     "lps": (-1.0, -1.0, 1.0),
 }
-_NRRD_SPATIAL_KINDS = ("domain", "space")
 
 
 def read_image(
@@ -187,11 +186,7 @@ def _read_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
     kinds = header.get("kinds")
     if directions is not None:
         directions = np.asarray(directions, dtype=np.float64)
-        spatial = [axis for axis in range(data.ndim) if np.all(np.isfinite(directions[axis]))]
-    elif kinds is not None:
-        spatial = [axis for axis, kind in enumerate(kinds) if kind.lower() in _NRRD_SPATIAL_KINDS]
-    else:
-        spatial = list(range(data.ndim)) if data.ndim == 3 else []
+    spatial = nrrd_spatial_axes(header, data.ndim)
     other = [axis for axis in range(data.ndim) if axis not in spatial]
     if len(spatial) != 3 or len(other) > 1:
         raise ValueError(

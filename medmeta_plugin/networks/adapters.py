@@ -139,6 +139,10 @@ class FullAdapter(Adapter):
         self.backbone = copy.deepcopy(backbone)
 
 
+# The hyper-parameters LoraAdapter takes.
+_LORA_HPARAMS = frozenset({"rank", "alpha"})
+
+
 def build_adapter(mode: str, backbone: Backbone3D, **hparams: int | float) -> Adapter:
     """Build a fresh (identity) adapter of the given mode for ``backbone``.
 
@@ -152,6 +156,9 @@ def build_adapter(mode: str, backbone: Backbone3D, **hparams: int | float) -> Ad
     """
     mode = look_up_option(mode, ADAPTER_MODES)
     if mode == "lora":
+        unknown = sorted(set(hparams) - _LORA_HPARAMS)
+        if unknown:
+            raise ValueError(f"adapter mode 'lora' takes {sorted(_LORA_HPARAMS)}, got {unknown}.")
         return LoraAdapter(backbone, **hparams)
     if hparams:
         raise ValueError(f"adapter mode {mode!r} takes no hyper-parameters, got {sorted(hparams)}.")

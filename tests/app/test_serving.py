@@ -199,12 +199,6 @@ def test_a_backbone_that_does_not_load_yet_is_retried(serving: Serving) -> None:
     assert serving.refresh() == "backbone" and serving.model is not model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Serving caches atlas examples by (task, version) and keeps the cache across backbone "
-    "reloads; a new backbone's store numbers versions from 1 again, so the first re-adaptation is served "
-    "with the old backbone's atlas examples instead of those stored with it",
-)
 def test_atlas_examples_follow_the_served_version_across_a_backbone_change(serving: Serving) -> None:
     old = [{"image": "a.nii.gz", "label": "a.nrrd", "value": 1}]
     serving.serve("ball", _adapter(serving, "ball"), serving.model, shots=1, extra={"atlas": old})

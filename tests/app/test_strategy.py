@@ -215,13 +215,6 @@ def test_uncertainty_is_a_422_when_no_unlabelled_scan_could_be_scored(
     assert caught.value.status_code == 422 and "could be scored" in caught.value.detail
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug: an unreadable unlabelled scan that the background scorer has not reached yet makes both "
-    "medmeta strategies raise its read error (a 500 over HTTP) for the whole datastore, where the scoring "
-    "method skips it with a warning and the uncertainty strategy skips it once it was scored",
-)
 @pytest.mark.parametrize("strategy", [UncertaintyStrategy, DiversityStrategy])
 def test_an_unreadable_unlabelled_scan_is_skipped(
     tmp_path: Path, studies: dict, tiny_backbone: Path, strategy: type

@@ -144,12 +144,6 @@ def test_invalid_arguments_are_refused_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="write_synthetic_dataset checks the shape only when it makes the first case, after creating root "
-    "and writing tasks.json: the failed call leaves a non-empty folder, so a retry with a valid shape is "
-    "refused",
-)
 def test_an_invalid_shape_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"shape must be three integers >= 24"):
         write_synthetic_dataset(tmp_path / "out", FAMILIES, 1, SEED, shape=(8, 8, 8))

@@ -182,12 +182,6 @@ def test_voxels_counts_spatial_voxels_times_channels(size: DeclaredSize, voxels:
     assert size.voxels == voxels and type(size.voxels) is int
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="declared_size takes a NRRD's first three axes as spatial when it has no 'space directions', "
-    "ignoring 'kinds': a leading vector axis is read as X (and its NaN spacing as X's) while read_image "
-    "reads it as channels",
-)
 def test_declared_size_of_a_nrrd_with_kinds_matches_what_the_reader_reads(tmp_path: Path) -> None:
     header = {"kinds": ["vector", "domain", "domain", "domain"], "spacings": [np.nan, 2.0, 1.5, 3.0]}
     path = _nrrd((3, 6, 5, 4), header)(tmp_path)
@@ -325,11 +319,6 @@ def test_what_is_not_one_compressed_stream_passes(tmp_path: Path, write: Callabl
     assert check_nrrd_inflation(write(tmp_path)) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_nrrd_inflation ignores 'line skip': the skipped text lines are fed to the inflater, so a "
-    "valid gzip NRRD that pynrrd reads raises zlib.error instead of passing",
-)
 def test_a_valid_gzip_nrrd_with_line_skip_passes(tmp_path: Path) -> None:
     path = tmp_path / "skip.nrrd"
     header = _nrrd_header((2, 2, 2), "gzip", "line skip: 1\n") + "\n"
@@ -338,11 +327,6 @@ def test_a_valid_gzip_nrrd_with_line_skip_passes(tmp_path: Path) -> None:
     check_nrrd_inflation(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="read_image calls check_nrrd_inflation outside its error handling: a corrupt gzip/bzip2 stream "
-    "behind a NRRD header escapes as zlib.error/OSError instead of a ValueError naming the file",
-)
 @pytest.mark.parametrize("encoding", ["gzip", "bzip2"])
 def test_a_corrupt_compressed_stream_is_a_value_error_naming_the_file(tmp_path: Path, encoding: str) -> None:
     path = tmp_path / "corrupt.nrrd"

@@ -169,11 +169,6 @@ def test_build_adapter_refuses_unknown_modes_and_hyper_parameters(
         build_adapter(mode, Backbone3D(CONFIGS["two-channels-depth2"]), **hparams)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build_adapter passes lora's hyper-parameters straight to LoraAdapter: an unknown one (beta=) is "
-    "Python's TypeError, not the ValueError naming the mode's hyper-parameters that its docstring promises",
-)
 def test_lora_refuses_a_hyper_parameter_it_does_not_take() -> None:
     with pytest.raises(ValueError, match="beta"):
         build_adapter("lora", Backbone3D(CONFIGS["two-channels-depth2"]), beta=1.0)
