@@ -126,11 +126,16 @@ def init_head(
         base: backbone output of the support batch (features (k, C, X, Y, Z), embedding (k, E)).
         targets: masks (k, 1, X, Y, Z), class indices (k,) or values (k, V).
         num_outputs: classes (classification); unused otherwise.
+
+    Raises:
+        ValueError: for another ``kind``.
     """
     if kind == "segmentation":
         w, b = segmentation_head_init(base.features, targets)
     elif kind == "classification":
         w, b = classification_head_init(base.embedding, targets, num_outputs)
-    else:
+    elif kind == "regression":
         w, b = regression_head_init(base.embedding, targets)
+    else:
+        raise ValueError(f"kind must be segmentation, classification or regression, got {kind!r}.")
     return {"weight": w, "bias": b}

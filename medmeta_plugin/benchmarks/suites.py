@@ -94,18 +94,30 @@ class EvalTask:
 
         With ``original_first`` index 0 is the original scan and always comes first, so 1 shot is the
         real labelled scan and more shots add its deformed copies.
+
+        Raises:
+            ValueError: if ``shots`` is under 1 or more than the pool (or a class of it) holds.
         """
         rng = np.random.default_rng(seed)
         if self.kind == "classification":
             chosen = []
             for c in range(self.num_outputs):
                 members = [it for it in self.support_pool if it["class"] == c]
+                _check_shots(shots, len(members), f"{self.name}'s class {c}")
                 chosen += [members[i] for i in rng.choice(len(members), size=shots, replace=False)]
             return chosen
+        _check_shots(shots, len(self.support_pool), self.name)
         if self.original_first:
             rest = rng.choice(np.arange(1, len(self.support_pool)), size=shots - 1, replace=False)
             return [self.support_pool[0]] + [self.support_pool[i] for i in rest]
         return [self.support_pool[i] for i in rng.choice(len(self.support_pool), size=shots, replace=False)]
+
+
+def _check_shots(shots: int, available: int, where: str) -> None:
+    if not 1 <= shots <= available:
+        raise ValueError(
+            f"shots must be 1 to {available} ({where} holds {available} support cases), got {shots}."
+        )
 
 
 def _image(array: np.ndarray) -> torch.Tensor:
@@ -173,7 +185,10 @@ def _real_case(folder: str) -> Case:
             f"real data not found at {root / folder}; set MEDMETA_REAL_DATA to the data/real folder."
         )
     registry = TaskRegistry.from_folder(root, dataset="real")
-    return next(c for t in registry for c in t.cases if c.case_id == folder)
+    found = next((c for t in registry for c in t.cases if c.case_id == folder), None)
+    if found is None:
+        raise ValueError(f"{root / folder}: labels no structure (a label file and labels.json are needed).")
+    return found
 
 
 def _affine(case: Case) -> np.ndarray:
