@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -290,8 +291,9 @@ def stored_submission(
     """The parsed submission stored with an image's label, for any MONAI Label datastore.
 
     Labels saved through this app carry it under ``"medmeta"`` in their info; a label placed in the studies
-    folder by hand gets its names from ``label_info`` if present, else from ``fallback``. None if the image
-    has no label of ``tag`` or the stored names do not parse.
+    folder by hand gets its names from ``label_info`` if present, else the names of ``fallback`` whose
+    values the file holds. None if the image has no label of ``tag``, the stored names do not parse or the
+    file cannot be read.
     """
     if tag not in (datastore.get_labels_by_image_id(image_id) or {}):
         return None
@@ -304,10 +306,24 @@ def stored_submission(
         )
         return Submission(dict(stored.get("structures", {})), targets)
     try:
-        return parse_label_params({k: v for k, v in info.items() if k == "label_info"}, fallback)
-    except ValueError as err:
+        submission = parse_label_params({k: v for k, v in info.items() if k == "label_info"}, fallback)
+        if not submission.from_fallback:
+            return submission
+        # Names from --conf labels: only those the file holds, as for a label saved without label_info
+        # (validate_label_file). A configured structure it does not hold is unlabelled there, not absent.
+        path = Path(datastore.get_label_uri(image_id, tag))
+        present = _label_values(str(path), path.stat().st_mtime_ns)
+    except (ValueError, OSError) as err:
         logger.warning("label of %s: %s", image_id, err)
         return None
+    structures = {n: v for n, v in submission.structures.items() if v in present}
+    return Submission(structures, submission.targets, from_fallback=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _label_values(path: str, mtime_ns: int) -> frozenset[int]:
+    """The values in a label file (cached per file version: collecting examples reads every label)."""
+    return frozenset(int(v) for v in np.unique(read_image(path)[0]))
 
 
 class TaskExamples:
@@ -336,7 +352,9 @@ def collect_examples(
         ``{task: TaskExamples}``; a structure named in a label with no voxel of it is a negative example.
     """
     labelled = []
-    for image_id in datastore.get_labeled_images(tag):
+    # Every image, not get_labeled_images(tag): MONAI Label 0.8.5's LocalDatastore answers that with the
+    # images that have a final label whatever the tag. stored_submission skips those without one of ``tag``.
+    for image_id in datastore.list_images():
         submission = stored_submission(datastore, image_id, fallback or {}, tag)
         if submission is None:
             continue

@@ -395,13 +395,6 @@ def test_nothing_labelled_collects_nothing(store: MedMetaDatastore) -> None:
     assert collect_examples(store, {"ball": 1}) == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: stored_submission gives a label placed in the studies folder by hand every --conf labels "
-    "name (from_fallback), and collect_examples makes each name absent from that label a negative example, "
-    "while a label saved without label_info names only the values present in it (validate_label_file): an "
-    "unlabelled configured structure is taken as 'absent here'",
-)
 def test_a_label_placed_by_hand_makes_no_negative_of_configured_names_it_lacks(studies: dict) -> None:
     fallback = {"ball": 1, "box": 2, "liver": 3}  # the label holds ball and box, no liver
     store = _by_hand(studies, fallback_labels=fallback)
@@ -409,12 +402,6 @@ def test_a_label_placed_by_hand_makes_no_negative_of_configured_names_it_lacks(s
     assert sorted(examples) == ["ball", "box"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: collect_examples(tag=...) lists images with datastore.get_labeled_images(tag), which MONAI "
-    "Label 0.8.5's LocalDatastore answers with the images that have a final label whatever the tag, so a "
-    "label of another tag alone is never collected",
-)
 def test_collect_examples_of_another_tag(store: MedMetaDatastore, studies: dict) -> None:
     store.save_label("a", str(studies["a"]), "original", dict(INFO))
     examples = collect_examples(store, tag="original")
