@@ -151,7 +151,9 @@ def test_optimise_started_at_the_truth_stays_there(scan, centre, truth) -> None:
     "each output voxel at its block's centre but gives it one input voxel's value, the one a physical point "
     "half-way between two voxels rounds to; that value lies half an input voxel off its declared place, to a "
     "side set by the grid's direction and by float rounding, so the 2x levels of a scan and its rotated or "
-    "flipped copy disagree by a whole input voxel (2 mm here) and the optimum moves off the truth by as much",
+    "flipped copy disagree by a whole input voxel (2 mm here) and the optimum moves off the truth by as much."
+    " Kept for now: ITK's bin shrink (block means) fixes it and lifts the placement suite's Dice (+0.021 on "
+    "the test split) but lowers CT -> MR of two patients (the app's pair 0.329 -> 0.286; see placement.md)",
 )
 @pytest.mark.parametrize("copy", ["rotated", "flipped along x"])
 def test_the_product_levels_of_a_moved_copy_keep_the_truth_as_optimum(phantom, centre, copy) -> None:
