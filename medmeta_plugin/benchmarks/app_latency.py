@@ -116,6 +116,7 @@ def run_app_benchmark(
     work: Path | None = None,
     pair: str = "abdomen-ct-to-mr",
     conf: list[tuple[str, str]] | None = None,
+    overlay: Path | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) on one of :data:`PAIRS` and return its records.
 
@@ -125,6 +126,8 @@ def run_app_benchmark(
         work: working folder (default: a new temporary one).
         pair: key of :data:`PAIRS`.
         conf: the app's ``--conf`` settings, ``[(key, value), ...]`` (e.g. ``[("registration", "bspline")]``).
+        overlay: write a PNG of each structure's served mask and reference on the query scan here
+            (:func:`~medmeta_plugin.benchmarks.overlay.plot_overlay`).
 
     Raises:
         ValueError: for an unknown pair, or a structure that is not held out or not labelled in both scans.
@@ -164,7 +167,7 @@ def run_app_benchmark(
         files[image_id] = studies / f"{image_id}{''.join(source.suffixes)}"
         shutil.copyfile(source, files[image_id])
     copy_app(app)
-    records, server = [], {}
+    records, server, served = [], {}, {}
     start = time.perf_counter()
     settings = [[str(k), str(v)] for k, v in conf or []]
     with running_server(str(studies), app, work / "server.log", conf=settings) as (url, process):
@@ -194,6 +197,7 @@ def run_app_benchmark(
             result, _ = read_image(out)
             value = params["label_names"][name]
             truth = query_label == query_names[name]
+            served[name] = np.asarray(result == value).reshape(truth.shape)
             records.append(
                 {
                     "structure": name,
@@ -228,6 +232,21 @@ def run_app_benchmark(
         record["scratch_dice"] = round(mask_dice(result == 1, query_label == query_names[name]), 4)
         record["scratch_s"] = round(seconds, 2)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu: {platform.machine()}"
+    if overlay is not None:
+        from medmeta_plugin.benchmarks.overlay import plot_overlay
+
+        query_image = np.asarray(read_image(files["query"])[0], np.float32).reshape(query_label.shape[-3:])
+        plot_overlay(
+            query_image,
+            {
+                r["structure"]: (query_label == query_names[r["structure"]]).reshape(query_image.shape)
+                for r in records
+            },
+            {n: m.reshape(query_image.shape) for n, m in served.items()},
+            {r["structure"]: r["dice"] for r in records},
+            overlay,
+            title=f"medmeta benchmark app: labelled once on {scans.support}, served on {scans.query}",
+        )
     return {
         "benchmark": "app",
         "pair": {"name": pair, "support": scans.support, "query": scans.query},

@@ -33,6 +33,7 @@ def add_parsers(inner: argparse._SubParsersAction) -> None:
         help="an app setting for the server, as monailabel start_server --conf (repeatable)",
     )
     a.add_argument("--out", type=Path, default=Path("results_app.json"))
+    a.add_argument("--overlay", type=Path, help="PNG: each structure's served mask and reference on the scan")
     a.set_defaults(func=_app)
     s = inner.add_parser(
         "active", help="active learning on a synthetic pool: uncertainty vs random selection"
@@ -55,10 +56,14 @@ def _app(args: argparse.Namespace) -> int:
     from medmeta_plugin.benchmarks.app_latency import run_app_benchmark, summarise_app
 
     structures = tuple(args.structures) if args.structures else None
-    results = run_app_benchmark(structures, args.scratch_steps, pair=args.pair, conf=args.conf)
+    results = run_app_benchmark(
+        structures, args.scratch_steps, pair=args.pair, conf=args.conf, overlay=args.overlay
+    )
     args.out.write_text(json.dumps(results, indent=1))
     print(f"app benchmark on {results['device']}")
     print(summarise_app(results))
+    if args.overlay is not None:
+        print(f"overlay: {args.overlay}")
     print(f"results: {args.out}")
     return 0
 
