@@ -312,12 +312,10 @@ def stored_submission(
         # Names from --conf labels: only those the file holds, as for a label saved without label_info
         # (validate_label_file). A configured structure it does not hold is unlabelled there, not absent.
         path = Path(datastore.get_label_uri(image_id, tag))
-        present = _label_values(str(path), path.stat().st_mtime_ns)
+        return submission.present_in(_label_values(str(path), path.stat().st_mtime_ns))
     except (ValueError, OSError) as err:
         logger.warning("label of %s: %s", image_id, err)
         return None
-    structures = {n: v for n, v in submission.structures.items() if v in present}
-    return Submission(structures, submission.targets, from_fallback=True)
 
 
 @functools.lru_cache(maxsize=256)

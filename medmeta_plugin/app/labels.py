@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,15 @@ class Submission:
 
     def to_json(self) -> dict[str, Any]:
         return {"structures": self.structures, "targets": {t.task: t.to_json() for t in self.targets}}
+
+    def present_in(self, values: Iterable[int]) -> Submission:
+        """This submission keeping the structures whose value is among ``values`` (a label map's values)
+        when its names came from the fallback; unchanged when the client named them."""
+        if not self.from_fallback:
+            return self
+        present = set(values)
+        structures = {n: v for n, v in self.structures.items() if v in present}
+        return Submission(structures, self.targets, from_fallback=True)
 
 
 def _structure_value(name: str, value: Any) -> int:
@@ -204,9 +213,7 @@ def validate_label_file(
     """
     label, meta = read_label(label_path, image_meta)
     if submission.from_fallback:
-        present = {int(v) for v in np.unique(label)}
-        structures = {n: v for n, v in submission.structures.items() if v in present}
-        submission = Submission(structures, submission.targets, from_fallback=True)
+        submission = submission.present_in(int(v) for v in np.unique(label))
     if not submission.structures and not submission.targets:
         raise ValueError(
             "the label names no structure: send params.label_info (as 3D Slicer does) or start the app with "

@@ -167,7 +167,8 @@ def run_app_benchmark(
         files[image_id] = studies / f"{image_id}{''.join(source.suffixes)}"
         shutil.copyfile(source, files[image_id])
     copy_app(app)
-    records, server, served = [], {}, {}
+    records, server = [], {}
+    served, truths = {}, {}  # per structure, shape (X, Y, Z): for the overlay
     start = time.perf_counter()
     settings = [[str(k), str(v)] for k, v in conf or []]
     with running_server(str(studies), app, work / "server.log", conf=settings) as (url, process):
@@ -197,7 +198,8 @@ def run_app_benchmark(
             result, _ = read_image(out)
             value = params["label_names"][name]
             truth = query_label == query_names[name]
-            served[name] = np.asarray(result == value).reshape(truth.shape)
+            served[name] = np.asarray(result == value).reshape(truth.shape[-3:])
+            truths[name] = truth.reshape(truth.shape[-3:])
             records.append(
                 {
                     "structure": name,
@@ -238,11 +240,8 @@ def run_app_benchmark(
         query_image = np.asarray(read_image(files["query"])[0], np.float32).reshape(query_label.shape[-3:])
         plot_overlay(
             query_image,
-            {
-                r["structure"]: (query_label == query_names[r["structure"]]).reshape(query_image.shape)
-                for r in records
-            },
-            {n: m.reshape(query_image.shape) for n, m in served.items()},
+            truths,
+            served,
             {r["structure"]: r["dice"] for r in records},
             overlay,
             title=f"medmeta benchmark app: labelled once on {scans.support}, served on {scans.query}",

@@ -40,6 +40,7 @@ from typing import Any
 
 from medmeta_plugin.episodes.cases import VOLUME_KINDS, Case, TargetSpec, check_option
 from medmeta_plugin.io.formats import FILE_FORMATS
+from medmeta_plugin.io.headers import detached_data_files
 from medmeta_plugin.names import validate_name
 
 __all__ = [
@@ -187,33 +188,14 @@ def parse_targets(raw: object, declarations: dict[str, TargetSpec], where: str) 
     return targets
 
 
-# Headers whose voxels lie in a data file beside them, and the header line that names it.
-_DETACHED_HEADERS = {
-    ".nhdr": re.compile(r"data ?file:\s*(\S+)"),
-    ".mhd": re.compile(r"ElementDataFile\s*=\s*(\S+)"),
-}
-
-
-def _data_files(header: Path) -> set[str]:
-    """The names of the data files a detached header (``.nhdr``, ``.mhd``) names beside itself."""
-    pattern = _DETACHED_HEADERS[header.suffix.lower()]
-    with open(header, "rb") as f:
-        text = f.read(65536).decode("latin-1")
-    return {Path(m).name for m in pattern.findall(text)}
-
-
 def _find_one(folder: Path, stem: str) -> Path | None:
     """The single child named ``stem`` or ``stem.<ext>`` of ``folder`` (None if absent); a detached header
     counts as one file with the data files it names."""
     found = sorted(p for p in folder.iterdir() if p.name == stem or p.name.startswith(stem + "."))
-    headers = [p for p in found if p.suffix.lower() in _DETACHED_HEADERS]
-    if (
-        len(found) > 1
-        and len(headers) == 1
-        and {p.name for p in found} - {headers[0].name} <= _data_files(headers[0])
-    ):
-        return headers[0]
     if len(found) > 1:
+        for header in found:
+            if {p.name for p in found} - {header.name} <= detached_data_files(header):
+                return header
         raise ValueError(f"{folder}: several {stem} files, expected one: {[p.name for p in found]}.")
     return found[0] if found else None
 

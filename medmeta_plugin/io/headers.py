@@ -16,7 +16,13 @@ import numpy as np
 
 from medmeta_plugin.io.formats import file_format
 
-__all__ = ["DeclaredSize", "check_nrrd_inflation", "declared_size", "nrrd_spatial_axes"]
+__all__ = [
+    "DeclaredSize",
+    "check_nrrd_inflation",
+    "declared_size",
+    "detached_data_files",
+    "nrrd_spatial_axes",
+]
 
 # A MetaImage header is a few hundred bytes of text before its data (or its data file's name).
 _MHA_HEADER_BYTES = 65536
@@ -111,6 +117,27 @@ def declared_size(path: str | Path) -> DeclaredSize | None:
         return DeclaredSize(shape, _three(spacing, 1.0), channels)  # type: ignore[arg-type]
     except Exception:  # a header that does not parse: the full reader gives the diagnosis
         return None
+
+
+def detached_data_files(path: str | Path) -> set[str]:
+    """The names of the data files a detached header (``.nhdr``, ``.mhd``) names beside itself; empty for
+    any other file, a header that names none, or one that does not parse (the full reader says why)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".nhdr":
+            header = nrrd.read_header(str(path))
+            named = header.get("data file") or header.get("datafile")
+            names = [named] if named else []
+        elif suffix == ".mhd":
+            with open(path, "rb") as f:  # MetaImage: "Key = value" lines
+                text = f.read(_MHA_HEADER_BYTES).decode("latin-1")
+            names = re.findall(r"^\s*ElementDataFile\s*=\s*(.*?)\s*$", text, re.M)
+        else:
+            return set()
+    except Exception:
+        return set()
+    return {Path(str(n)).name for n in names}
 
 
 def check_nrrd_inflation(path: str | Path) -> None:

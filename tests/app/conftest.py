@@ -6,6 +6,7 @@ Everything is real: NIfTI/NRRD files written with the project's writers, MONAI L
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -75,6 +76,31 @@ def studies(tmp_path: Path) -> dict[str, Path]:
 
 def app_conf(backbone: Path, **extra: str) -> dict[str, str]:
     return {"backbone": str(backbone), "spacing": "2", "adapt_steps": "10", **extra}
+
+
+@contextlib.contextmanager
+def medmeta_app_instance(
+    tmp_path: Path, studies_folder: Path, backbone: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator:
+    """The medmeta app as MONAI Label's ``app_instance()`` builds it in this process (what the project's
+    routes look up), on ``studies_folder``, atlas off (no ITK); no server is started."""
+    from monailabel.config import settings
+    from monailabel.interfaces.utils.app import app_instance, clear_cache
+
+    values = {
+        "MONAI_LABEL_APP_DIR": str(copy_app(tmp_path / "app")),
+        "MONAI_LABEL_STUDIES": str(studies_folder),
+        "MONAI_LABEL_APP_CONF": app_conf(backbone, atlas="false"),
+        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": False,
+        "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"),
+    }
+    for key, value in values.items():
+        monkeypatch.setattr(settings, key, value)
+    clear_cache()
+    try:
+        yield app_instance()
+    finally:
+        clear_cache()
 
 
 @pytest.fixture

@@ -14,14 +14,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from monailabel.config import settings
 from monailabel.endpoints import datastore, infer, scoring, train
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.utils.app import app_instance, clear_cache
 
-from medmeta_plugin.app.process import copy_app
 from medmeta_plugin.app.routes import install_guards
-from tests.app.conftest import app_conf
+from tests.app.conftest import medmeta_app_instance
 
 LABEL_INFO = [{"name": "ball", "idx": 1}, {"name": "box", "idx": 2}]
 GUARDED = [
@@ -63,20 +60,8 @@ def medmeta_app(
     tmp_path: Path, studies: dict, tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[MONAILabelApp]:
     """The medmeta app that the guards look up (``app_instance()``), on ``studies``; atlas off (no ITK)."""
-    values = {
-        "MONAI_LABEL_APP_DIR": str(copy_app(tmp_path / "app")),
-        "MONAI_LABEL_STUDIES": str(studies["studies"]),
-        "MONAI_LABEL_APP_CONF": app_conf(tiny_backbone, atlas="false"),
-        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": False,
-        "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"),
-    }
-    for key, value in values.items():
-        monkeypatch.setattr(settings, key, value)
-    clear_cache()
-    try:
-        yield app_instance()
-    finally:
-        clear_cache()
+    with medmeta_app_instance(tmp_path, studies["studies"], tiny_backbone, monkeypatch) as app:
+        yield app
 
 
 def _put_label(client: TestClient, image: str, path: Path, tag: str | None = None, params: str | None = None):

@@ -16,16 +16,14 @@ import pytest
 import torch
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.utils.app import app_instance, clear_cache
 
-from medmeta_plugin.app.process import copy_app, free_port
+from medmeta_plugin.app.process import free_port
 from medmeta_plugin.app.routes import install_guards
 from medmeta_plugin.cli.main import build_parser, main
 from medmeta_plugin.io import write_image
 from medmeta_plugin.networks import Backbone3D, save_backbone
-from tests.app.conftest import GEOMETRIES, app_conf, phantom
+from tests.app.conftest import GEOMETRIES, medmeta_app_instance, phantom
 from tests.conftest import TINY
 
 LABEL_INFO = {"label_info": [{"name": "ball", "idx": 1}, {"name": "box", "idx": 2}]}
@@ -97,20 +95,8 @@ def medmeta_app(
     tmp_path: Path, studies: dict, tiny_backbone: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[MONAILabelApp]:
     """The medmeta app that the routes look up (``app_instance()``), on ``studies``; atlas off (no ITK)."""
-    values = {
-        "MONAI_LABEL_APP_DIR": str(copy_app(tmp_path / "app")),
-        "MONAI_LABEL_STUDIES": str(studies["studies"]),
-        "MONAI_LABEL_APP_CONF": app_conf(tiny_backbone, atlas="false"),
-        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": False,
-        "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"),
-    }
-    for key, value in values.items():
-        monkeypatch.setattr(settings, key, value)
-    clear_cache()
-    try:
-        yield app_instance()
-    finally:
-        clear_cache()
+    with medmeta_app_instance(tmp_path, studies["studies"], tiny_backbone, monkeypatch) as app:
+        yield app
 
 
 def _labels(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
