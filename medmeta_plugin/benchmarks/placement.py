@@ -416,12 +416,13 @@ def calibrate(records: Sequence[dict[str, Any]], steps: int = 20_000, l2: float 
     """Fit the placement confidence's logistic curve on ``medmeta`` records (a dev run): weights per figure
     of :data:`CONFIDENCE_FIGURES` and a bias, by gradient descent on the log-loss of right (1) vs wrong (0),
     on standardised figures with a small L2 penalty; and the share of wrong placements flagged and of right
-    ones passed at several thresholds.
+    ones passed at several thresholds, by that curve scaled below the tie margin as
+    :func:`~medmeta_plugin.registration.placement.confidence` serves it.
 
     Raises:
         ValueError: without both right and wrong placements among the records.
     """
-    from medmeta_plugin.registration.placement import MARGIN_CAP
+    from medmeta_plugin.registration.placement import MARGIN_CAP, TIE_MARGIN
 
     ours = [r for r in records if r["method"] == "medmeta" and "placement" in r]
     wrong = np.array([r["class"] == "head-abdomen" or r["placement_error_axis_mm"] > WRONG_MM for r in ours])
@@ -447,7 +448,9 @@ def calibrate(records: Sequence[dict[str, Any]], steps: int = 20_000, l2: float 
         b -= 0.05 * float((p - y).mean())
     weights = w / std
     bias = b - float((w * mean / std).sum())
-    p = 1.0 / (1.0 + np.exp(-(x @ weights + bias)))
+    # Thresholds are read on the confidence as served: the fitted curve with the tie scaling on top.
+    tie = np.clip(np.array([r["placement"]["margin"] for r in ours]) / TIE_MARGIN, 0.0, 1.0)
+    p = tie / (1.0 + np.exp(-(x @ weights + bias)))
     return {
         "weights": {k: round(float(v), 3) for k, v in zip(CONFIDENCE_FIGURES, weights)},
         "bias": round(bias, 3),

@@ -149,6 +149,13 @@ def rotation_matrix(rotation_deg: tuple[float, float, float] | np.ndarray) -> np
 CONFIDENCE_WEIGHTS = {"margin": 0.239, "gradients": 12.413, "outline": 7.571}
 CONFIDENCE_BIAS = -11.028
 MARGIN_CAP = 10.0
+# A near tie between two distinct answers is a guess whatever the other figures say: below this margin the
+# curve's value is scaled down linearly to 0 at a tie. The logistic gives the margin little weight (it is
+# weak evidence over most of its range), so a copy of the abdominal CT placed on the MR with a rival 30+ mm
+# away scoring 0.03 below it came out 0.85 sure and its mask was carried (abdomen-ct-to-mr, 5 shots). On the
+# development and first test pairs every placement with a margin under 0.5 was wrong but one right one
+# (0.17, flagged by the curve already); right ones start at 1.14 (docs/benchmarks/placement.md).
+TIE_MARGIN = 0.5
 # Voxels the rigid refinement of a candidate samples (a seeded regular grid): 0.09 s a candidate where all
 # of a 6 mm grid's voxels took 0.2-0.5 s, for a start that the local stages refine again anyway.
 REFINE_SAMPLES = 10_000
@@ -157,13 +164,17 @@ REFINE_SAMPLES = 10_000
 def confidence(margin: float, gradients: float, outline: float) -> float:
     """The probability, by the development suite, that a placement with these figures is right.
 
+    A logistic curve of the three figures, scaled down linearly below a margin of ``TIE_MARGIN`` (a near tie
+    of two distinct answers is a guess; 0 at an exact tie).
+
     Args:
         margin: :attr:`Placement.margin` (capped at ``MARGIN_CAP``); gradients: :attr:`Placement.gradients`;
         outline: :attr:`Placement.outline`.
     """
     figures = {"margin": min(margin, MARGIN_CAP), "gradients": gradients, "outline": outline}
     z = CONFIDENCE_BIAS + sum(CONFIDENCE_WEIGHTS[k] * v for k, v in figures.items())
-    return float(1.0 / (1.0 + np.exp(-z)))
+    tie = float(np.clip(margin / TIE_MARGIN, 0.0, 1.0))
+    return tie / (1.0 + float(np.exp(-z)))
 
 
 def _rotated(grid: SearchGrid, rotation: np.ndarray, centre: np.ndarray, bins: int) -> SearchGrid:

@@ -156,7 +156,8 @@ def _calibration_records(separating: str, seed: int = 0) -> list[dict[str, Any]]
     rng = np.random.default_rng(seed)
     high = {"margin": (5.0, 9.0), "gradients": (0.55, 0.95), "outline": (0.6, 0.95)}
     low = {"margin": (0.0, 4.0), "gradients": (0.05, 0.45), "outline": (0.1, 0.5)}
-    noise = {"margin": (0.0, 9.0), "gradients": (0.05, 0.95), "outline": (0.1, 0.95)}
+    # where the margin does not separate it stays clear of a tie (the served confidence scales ties down)
+    noise = {"margin": (1.0, 9.0), "gradients": (0.05, 0.95), "outline": (0.1, 0.95)}
     records = []
     for i in range(50):
         right = i < 30

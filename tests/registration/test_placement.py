@@ -17,7 +17,14 @@ import pytest
 
 from medmeta_plugin.io import read_image, resample
 from medmeta_plugin.registration.grids import otsu_threshold
-from medmeta_plugin.registration.placement import Placement, PlacementConfig, place, rotation_matrix
+from medmeta_plugin.registration.placement import (
+    TIE_MARGIN,
+    Placement,
+    PlacementConfig,
+    confidence,
+    place,
+    rotation_matrix,
+)
 from medmeta_plugin.transforms import normalize_intensity
 
 REAL = Path(__file__).resolve().parents[2] / "sample_apps" / "data" / "real"
@@ -279,6 +286,27 @@ def test_rotation_matrix_turns_about_the_vector_by_its_length(rotation_deg, befo
     assert np.linalg.det(rotation) == pytest.approx(1.0)
     angle = np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1, 1)))
     assert angle == pytest.approx(np.linalg.norm(rotation_deg), abs=1e-6)
+
+
+# ----- confidence -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gradients, outline", [(0.45, 0.95), (0.3, 0.7), (0.6, 0.98)])
+def test_confidence_falls_to_zero_at_a_tie_and_rises_with_the_margin(gradients, outline) -> None:
+    margins = np.linspace(0.0, 12.0, 121)
+    values = np.array([confidence(m, gradients, outline) for m in margins])
+    assert values[0] == 0.0, "two distinct answers scoring the same: a guess"
+    assert (np.diff(values) >= 0).all() and ((values >= 0.0) & (values <= 1.0)).all()
+    # below the tie margin scaled linearly: half the margin, about half the value (the curve itself rises a
+    # little with the margin too)
+    assert confidence(TIE_MARGIN / 2, gradients, outline) == pytest.approx(
+        confidence(TIE_MARGIN, gradients, outline) / 2, rel=0.1
+    )
+    assert confidence(10.0, gradients, outline) == confidence(11.0, gradients, outline), "margin is capped"
+
+
+def test_a_near_tie_is_unsure_however_well_outlines_and_edges_agree() -> None:
+    # The abdomen-ct-to-mr copy that was carried wrongly: margin 0.03, gradients 0.445, outline 0.951.
+    assert confidence(0.03, 0.445, 0.951) < PlacementConfig().threshold
+    assert confidence(1.79, 0.445, 0.951) >= PlacementConfig().threshold
 
 
 # ----- invalid inputs ---------------------------------------------------------------------------------------
