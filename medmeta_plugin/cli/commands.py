@@ -272,6 +272,21 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--head", choices=("linear", "mlp"), default="linear", help="the probe's head")
     r.add_argument("--out", type=Path, default=Path("results_probe.json"))
     r.set_defaults(func=_benchmark_probe)
+    c = inner.add_parser(
+        "incontext",
+        help="does a network that reads the carried mask beside the scan refine it? (issue 18's probe)",
+    )
+    c.add_argument("--steps", type=int, default=1500, help="training steps of the refiner")
+    c.add_argument("--batch", type=int, default=2, help="crops per step")
+    c.add_argument("--patch", type=int, default=48, help="crop edge in voxels (a multiple of 8)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--full-carries",
+        action="store_true",
+        help="draw every training carry at its largest departure (docs/benchmarks/incontext.md, first run)",
+    )
+    c.add_argument("--out", type=Path, default=Path("results_incontext.json"))
+    c.set_defaults(func=_benchmark_incontext)
     _add_placement(inner)
     app_benchmarks.add_parsers(inner)
 
@@ -390,7 +405,6 @@ def _benchmark_probe(args: argparse.Namespace) -> int:
 
 
 def _benchmark_placement(args: argparse.Namespace) -> int:
-    import subprocess
     import time
 
     from medmeta_plugin.benchmarks.placement import (
@@ -412,15 +426,9 @@ def _benchmark_placement(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     records = run_placement_benchmark(config, progress=print)
-    try:
-        version = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        version = ""
     meta = {
         "command": "medmeta benchmark placement " + " ".join(sys.argv[3:]),
-        "code_version": version,
+        "code_version": _code_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {_torch_threads()}",
         "seconds": round(time.perf_counter() - start, 1),
         "config": dataclasses.asdict(config),
@@ -432,6 +440,45 @@ def _benchmark_placement(args: argparse.Namespace) -> int:
     if args.calibrate:
         print("confidence fitted on this run:", json.dumps(calibrate(records), indent=1))
     print(f"results: {args.out} ({meta['seconds']:.0f} s)")
+    return 0
+
+
+def _code_version() -> str:
+    """``git describe --always --dirty`` of the working directory; empty outside a checkout."""
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        return ""
+
+
+def _benchmark_incontext(args: argparse.Namespace) -> int:
+    from medmeta_plugin.benchmarks.incontext import (
+        InContextConfig,
+        format_incontext,
+        run_incontext,
+        write_incontext,
+    )
+    from medmeta_plugin.episodes.carried import CarryConfig
+
+    config = InContextConfig(
+        steps=args.steps,
+        batch=args.batch,
+        patch=args.patch,
+        seed=args.seed,
+        carry=CarryConfig(varied=not args.full_carries),
+    )
+    results = run_incontext(config)
+    print(f"in-context probe: {config.steps} steps, on {results['device']}, {results['seconds']:.0f} s")
+    print("training log:", json.dumps(results["log"][-3:]))
+    print(format_incontext(results))
+    write_incontext(
+        args.out, results, "medmeta benchmark incontext " + " ".join(sys.argv[3:]), _code_version()
+    )
+    print(f"results: {args.out}")
     return 0
 
 

@@ -131,6 +131,25 @@ VALID_ARGS = [
         {"levels": [3], "head": "mlp"},
         id="probe-options",
     ),
+    pytest.param(
+        ["benchmark", "incontext"],
+        "_benchmark_incontext",
+        {
+            "steps": 1500,
+            "batch": 2,
+            "patch": 48,
+            "seed": 0,
+            "full_carries": False,
+            "out": Path("results_incontext.json"),
+        },
+        id="incontext",
+    ),
+    pytest.param(
+        ["benchmark", "incontext", "--steps", "20", "--patch", "32", "--full-carries"],
+        "_benchmark_incontext",
+        {"steps": 20, "patch": 32, "full_carries": True},
+        id="incontext-options",
+    ),
 ]
 
 
@@ -155,6 +174,7 @@ INVALID_ARGS = [
     pytest.param(["benchmark"], "the following arguments are required: BENCHMARK", id="benchmark-none"),
     pytest.param(["benchmark", "fewshots"], "invalid choice: 'fewshots'", id="benchmark-unknown"),
     pytest.param(["benchmark", "fewshot"], "the following arguments are required: --suite", id="no-suite"),
+    pytest.param(["benchmark", "incontext", "--steps", "many"], "invalid int value: 'many'", id="incontext"),
     pytest.param(["benchmark", "fewshot", "--suite", "liver"], "invalid choice: 'liver'", id="suite"),
     pytest.param(
         ["benchmark", "fewshot", "--suite", "brain-dev", "--heads", "cnn"],
