@@ -43,12 +43,12 @@ from tqdm import tqdm
 from medmeta_plugin.app.grid import label_to_working, load_working
 from medmeta_plugin.benchmarks.fov import BRAIN_CORRESPONDENCES
 from medmeta_plugin.benchmarks.scoring import mask_dice
+from medmeta_plugin.benchmarks.suites import real_case
 from medmeta_plugin.episodes.carried import CarryConfig, simulate_carry
 from medmeta_plugin.episodes.splits import ABDOMEN_DEV, BRAIN_DEV, is_held_out
 from medmeta_plugin.networks import Backbone3D
 from medmeta_plugin.networks.backbone import BackboneConfig
 from medmeta_plugin.networks.objectives import task_loss
-from medmeta_plugin.paths import real_data_root
 from medmeta_plugin.registration import register
 from medmeta_plugin.registration.warp import warp_to
 
@@ -146,19 +146,17 @@ class ScanCase:
 
 
 def load_scan(folder: str, spacing_mm: float = 3.0) -> ScanCase:
-    """Read a real case from :func:`~medmeta_plugin.paths.real_data_root` onto the app's working grid.
+    """Read a real case (:func:`~medmeta_plugin.benchmarks.suites.real_case`) onto the app's working grid.
 
     Raises:
-        ValueError: if the case folder is missing or unreadable.
+        ValueError: if the case folder is missing, labels nothing or is unreadable.
     """
-    root = real_data_root() / folder
-    if not root.is_dir():
-        raise ValueError(f"real data not found at {root}; set MEDMETA_REAL_DATA to the data/real folder.")
-    image_path = next(p for p in sorted(root.iterdir()) if p.name.startswith("image."))
-    label_path = next(p for p in sorted(root.iterdir()) if p.name.startswith("label."))
-    volume = load_working(image_path, (spacing_mm,) * 3, 1, 10**9)
-    labels = volume.crop(torch.as_tensor(label_to_working(label_path, volume, 1))).numpy().astype(np.int32)
-    values = {n: (int(v),) for v, n in json.loads((root / "labels.json").read_text()).items()}
+    case = real_case(folder)
+    volume = load_working(case.image_path, (spacing_mm,) * 3, 1, 10**9)
+    labels = (
+        volume.crop(torch.as_tensor(label_to_working(case.label_path, volume, 1))).numpy().astype(np.int32)
+    )
+    values = {n: (int(v),) for v, n in case.structures.items()}
     if folder == "brain_colin27":
         for dk, aal in BRAIN_CORRESPONDENCES.items():
             parts = tuple(v for a in aal if a in values for v in values[a])
@@ -307,6 +305,8 @@ def score_pair(
     """Carried, refined and scan-alone Dice of each structure labelled in both scans (module docstring)."""
     registration = register(query.image, query.affine, support.image, support.affine)
     placement = registration.placement
+    # With the carried channel empty the refiner's input is the same for every structure: one pass.
+    alone = refine(model, query.image, np.zeros(query.image.shape, np.float32))
     rows = []
     for name in structures:
         if name not in support.structures or name not in query.structures:
@@ -324,7 +324,7 @@ def score_pair(
                 "confidence": None if placement is None else round(float(placement.confidence), 3),
                 "carried": round(mask_dice(carried >= 0.5, truth), 4),
                 "refined": round(mask_dice(refine(model, query.image, carried), truth), 4),
-                "scan_alone": round(mask_dice(refine(model, query.image, np.zeros_like(carried)), truth), 4),
+                "scan_alone": round(mask_dice(alone, truth), 4),
             }
         )
     return rows

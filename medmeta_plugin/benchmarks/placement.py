@@ -422,7 +422,7 @@ def calibrate(records: Sequence[dict[str, Any]], steps: int = 20_000, l2: float 
     Raises:
         ValueError: without both right and wrong placements among the records.
     """
-    from medmeta_plugin.registration.placement import MARGIN_CAP, TIE_MARGIN
+    from medmeta_plugin.registration.placement import MARGIN_CAP, tie_scale
 
     ours = [r for r in records if r["method"] == "medmeta" and "placement" in r]
     wrong = np.array([r["class"] == "head-abdomen" or r["placement_error_axis_mm"] > WRONG_MM for r in ours])
@@ -449,7 +449,7 @@ def calibrate(records: Sequence[dict[str, Any]], steps: int = 20_000, l2: float 
     weights = w / std
     bias = b - float((w * mean / std).sum())
     # Thresholds are read on the confidence as served: the fitted curve with the tie scaling on top.
-    tie = np.clip(np.array([r["placement"]["margin"] for r in ours]) / TIE_MARGIN, 0.0, 1.0)
+    tie = tie_scale(np.array([r["placement"]["margin"] for r in ours]))
     p = tie / (1.0 + np.exp(-(x @ weights + bias)))
     return {
         "weights": {k: round(float(v), 3) for k, v in zip(CONFIDENCE_FIGURES, weights)},

@@ -63,7 +63,7 @@ from medmeta_plugin.io import read_image
 from medmeta_plugin.paths import real_data_root
 from medmeta_plugin.transforms import normalize_intensity
 
-__all__ = ["SUITES", "EvalTask", "build_suite"]
+__all__ = ["SUITES", "EvalTask", "build_suite", "real_case"]
 
 Item = dict[str, Any]
 
@@ -178,7 +178,13 @@ def _synthetic_volume(seed: int, kind: str) -> list[EvalTask]:
     return tasks
 
 
-def _real_case(folder: str) -> Case:
+def real_case(folder: str) -> Case:
+    """The real case ``folder`` of :func:`~medmeta_plugin.paths.real_data_root` (its image, label map and
+    structures, as the task registry reads them).
+
+    Raises:
+        ValueError: if the folder is missing or labels no structure.
+    """
     root = real_data_root()
     if not (root / folder).is_dir():
         raise ValueError(
@@ -202,7 +208,7 @@ def _value(case: Case, name: str) -> int | None:
 
 
 def _abdomen(seed: int, structures: tuple[str, ...] = ABDOMEN_HELDOUT) -> list[EvalTask]:
-    ct, mr = _real_case("ct_abdomen_a"), _real_case("mr_abdomen_d")
+    ct, mr = real_case("ct_abdomen_a"), real_case("mr_abdomen_d")
     loaded = [load_case(c) for c in [ct, *deformed_copies([ct], 4, seed=seed)]]
     mr_image, mr_label = load_case(mr)
     # One image tensor per scan, shared by every structure's task (see the module docstring).
@@ -223,7 +229,7 @@ def _abdomen(seed: int, structures: tuple[str, ...] = ABDOMEN_HELDOUT) -> list[E
 
 
 def _brain(seed: int, structures: tuple[str, ...] = BRAIN_HELDOUT) -> list[EvalTask]:
-    brain = _real_case("brain_mni152")
+    brain = real_case("brain_mni152")
     support = [load_case(c) for c in deformed_copies([brain], 5, seed=seed)]
     query = [load_case(c) for c in deformed_copies([brain], 2, seed=seed + 10_000)]
     support_images, query_images = [_image(i) for i, _ in support], [_image(i) for i, _ in query]
@@ -247,7 +253,7 @@ def _brain(seed: int, structures: tuple[str, ...] = BRAIN_HELDOUT) -> list[EvalT
 
 def _tumour(seed: int) -> list[EvalTask]:
     (name,) = TUMOUR_HELDOUT
-    scans = [_real_case(f"mr_brain_tumour_{i}") for i in (1, 2)]
+    scans = [real_case(f"mr_brain_tumour_{i}") for i in (1, 2)]
     loaded = {c.case_id: load_case(c) for c in scans}
     images = {k: _image(image) for k, (image, _) in loaded.items()}
     affines = {c.case_id: _affine(c) for c in scans}

@@ -173,8 +173,13 @@ def confidence(margin: float, gradients: float, outline: float) -> float:
     """
     figures = {"margin": min(margin, MARGIN_CAP), "gradients": gradients, "outline": outline}
     z = CONFIDENCE_BIAS + sum(CONFIDENCE_WEIGHTS[k] * v for k, v in figures.items())
-    tie = float(np.clip(margin / TIE_MARGIN, 0.0, 1.0))
-    return tie / (1.0 + float(np.exp(-z)))
+    return float(tie_scale(margin)) / (1.0 + float(np.exp(-z)))
+
+
+def tie_scale(margin: float | np.ndarray) -> float | np.ndarray:
+    """The factor in [0, 1] the confidence's curve is scaled by: 1 from ``TIE_MARGIN`` up, falling linearly
+    to 0 at a tie (a margin of 0); elementwise for an array of margins."""
+    return np.clip(np.asarray(margin, dtype=np.float64) / TIE_MARGIN, 0.0, 1.0)
 
 
 def _rotated(grid: SearchGrid, rotation: np.ndarray, centre: np.ndarray, bins: int) -> SearchGrid:

@@ -24,6 +24,7 @@ from medmeta_plugin.registration.placement import (
     confidence,
     place,
     rotation_matrix,
+    tie_scale,
 )
 from medmeta_plugin.transforms import normalize_intensity
 
@@ -301,6 +302,12 @@ def test_confidence_falls_to_zero_at_a_tie_and_rises_with_the_margin(gradients, 
         confidence(TIE_MARGIN, gradients, outline) / 2, rel=0.1
     )
     assert confidence(10.0, gradients, outline) == confidence(11.0, gradients, outline), "margin is capped"
+
+
+def test_tie_scale_is_one_from_the_tie_margin_up_and_linear_below_elementwise() -> None:
+    margins = np.array([0.0, TIE_MARGIN / 4, TIE_MARGIN / 2, TIE_MARGIN, 3.0, -1.0])
+    np.testing.assert_allclose(tie_scale(margins), [0.0, 0.25, 0.5, 1.0, 1.0, 0.0])
+    assert float(tie_scale(TIE_MARGIN / 2)) == pytest.approx(0.5)
 
 
 def test_a_near_tie_is_unsure_however_well_outlines_and_edges_agree() -> None:
