@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_BACKBONE",
     "META_RECIPE",
     "MULTITASK_BACKBONE",
+    "REFINER",
     "ROOT",
     "SAMPLE_DATA",
     "checkout",
@@ -54,6 +55,8 @@ BACKBONES = ROOT / "sample_apps" / "backbone"
 DEFAULT_BACKBONE = BACKBONES / "backbone.safetensors"
 MULTITASK_BACKBONE = BACKBONES / "multitask.safetensors"
 META_RECIPE = BACKBONES / "meta_train.yaml"
+#: The in-context refiner (:mod:`medmeta_plugin.networks.refiner`): ``medmeta benchmark incontext --save``.
+REFINER = BACKBONES / "refiner.safetensors"
 SAMPLE_DATA = ROOT / "sample_apps" / "data" / "real"
 
 

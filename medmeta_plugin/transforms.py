@@ -1,4 +1,5 @@
-"""The one intensity preprocessing shared by meta-training, few-shot adaptation and inference.
+"""The one intensity preprocessing shared by meta-training, few-shot adaptation and inference, and the one
+padding to the backbone's size divisor.
 
 Every path that feeds an image to the model calls :func:`normalize_intensity` with the same
 :class:`PreprocessConfig`, so the three can never drift apart. Images stay on their native voxel grid: nothing
@@ -13,7 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["PreprocessConfig", "normalize_intensity"]
+__all__ = ["PAD_MODES", "PreprocessConfig", "normalize_intensity", "pad_to_multiple"]
+
+#: ``replicate`` repeats the edge voxels (images: no artificial edge for the backbone to see), ``constant``
+#: pads with zeros (label maps, masks, priors).
+PAD_MODES = ("replicate", "constant")
 
 # Below this standard deviation (after clipping) a channel is treated as constant and mapped to zeros rather
 # than divided by ~0; float32 resolution of intensities of order 1e3 (CT HU) is ~1e-4.
@@ -128,3 +133,40 @@ def normalize_intensity(
     if isinstance(image, np.ndarray):
         return _normalize_numpy(image, config)
     return _normalize_torch(image, config)
+
+
+def pad_to_multiple(tensor: torch.Tensor, divisor: int, mode: str = "constant") -> torch.Tensor:
+    """``tensor`` (..., X, Y, Z) padded at the high end of its last three axes to multiples of ``divisor``.
+
+    The one padding of the package: the app's working grid, the benchmarks and the refiner pad this way, so
+    a voxel keeps its index and :meth:`WorkingVolume.crop <medmeta_plugin.app.grid.WorkingVolume.crop>`
+    (``[..., :X, :Y, :Z]``) undoes it.
+
+    Args:
+        tensor: at least three dimensions, the last three spatial.
+        divisor: the size divisor (the backbone's, ``2 ** (levels - 1)``), >= 1.
+        mode: one of :data:`PAD_MODES`.
+
+    Returns:
+        A new tensor (the input itself when nothing needs padding), same dtype and device.
+
+    Raises:
+        ValueError: for fewer than three dimensions, a divisor below 1 or an unknown mode.
+    """
+    if tensor.dim() < 3 or divisor < 1 or mode not in PAD_MODES:
+        raise ValueError(
+            f"pad_to_multiple needs (..., X, Y, Z), a divisor >= 1 and a mode in {PAD_MODES}; got shape "
+            f"{tuple(tensor.shape)}, divisor {divisor}, mode {mode!r}."
+        )
+    shape = tuple(tensor.shape[-3:])
+    pad = [p for s in reversed(shape) for p in (0, -s % divisor)]
+    if not any(pad):
+        return tensor
+    if mode == "constant":
+        return torch.nn.functional.pad(tensor, pad)
+    lead = tensor.shape[:-3]
+    flat = tensor.reshape(1, -1, *shape)  # replicate padding of 3 axes wants (N, C, X, Y, Z)
+    if not flat.is_floating_point():
+        raise ValueError(f"replicate padding needs a floating-point tensor, got {tensor.dtype}.")
+    out = torch.nn.functional.pad(flat, pad, mode="replicate")
+    return out.reshape(*lead, *out.shape[-3:])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medmeta_plugin.transforms import PreprocessConfig, normalize_intensity
+from medmeta_plugin.transforms import PreprocessConfig, normalize_intensity, pad_to_multiple
 
 RNG = np.random.default_rng(0)
 
@@ -113,3 +113,35 @@ def test_invalid_images_are_rejected(make, error: type[Exception], match: str) -
 def test_invalid_config_is_rejected(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         PreprocessConfig(**kwargs)
+
+
+def test_padding_reaches_the_divisor_at_the_high_end_and_crops_back() -> None:
+    image = torch.arange(5 * 6 * 7, dtype=torch.float32).reshape(1, 5, 6, 7)
+    out = pad_to_multiple(image, 4, "replicate")
+    assert out.shape == (1, 8, 8, 8)
+    torch.testing.assert_close(out[..., :5, :6, :7], image)
+    torch.testing.assert_close(out[0, 7, :6, :7], image[0, 4])  # edge voxels repeated
+    zeros = pad_to_multiple(image, 4)
+    assert zeros.shape == (1, 8, 8, 8) and float(zeros[..., 5:, :, :].abs().sum()) == 0.0
+    labels = torch.ones(2, 3, 3, 3, 3, dtype=torch.uint8)  # any leading dims; zeros for label maps
+    padded = pad_to_multiple(labels, 2)
+    assert padded.shape == (2, 3, 4, 4, 4) and padded.dtype == torch.uint8 and int(padded.sum()) == 2 * 3 * 27
+
+
+def test_padding_a_divisible_shape_returns_the_input() -> None:
+    image = torch.zeros(1, 8, 16, 8)
+    assert pad_to_multiple(image, 8, "replicate") is image
+
+
+@pytest.mark.parametrize(
+    "tensor, divisor, mode",
+    [
+        (torch.zeros(4, 4), 2, "constant"),
+        (torch.zeros(4, 4, 4), 0, "constant"),
+        (torch.zeros(4, 4, 4), 2, "reflect"),
+        (torch.zeros(3, 3, 3, dtype=torch.int64), 2, "replicate"),
+    ],
+)
+def test_padding_rejects_bad_arguments(tensor: torch.Tensor, divisor: int, mode: str) -> None:
+    with pytest.raises(ValueError):
+        pad_to_multiple(tensor, divisor, mode)

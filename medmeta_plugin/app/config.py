@@ -18,7 +18,7 @@ from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks import ADAPTER_MODES
 from medmeta_plugin.networks.heads import DEFAULT_SEGMENTATION_HEAD, SEGMENTATION_HEADS
 from medmeta_plugin.networks.precision import PRECISIONS
-from medmeta_plugin.paths import DEFAULT_BACKBONE
+from medmeta_plugin.paths import DEFAULT_BACKBONE, REFINER
 from medmeta_plugin.registration import REGISTRATION_TRANSFORMS
 
 __all__ = ["AppConfig", "parse_conf"]
@@ -67,6 +67,11 @@ class AppConfig:
             (:func:`~medmeta_plugin.adapt.atlas.fuse`); off by default: on every real structure measured it
             made them worse (``docs/benchmarks/atlas.md``). Without it, a structure with a prior is its
             carried masks, and the head answers where there is no prior (a scan that does not register).
+        incontext: move the registered masks' boundary onto the scan's edges with the in-context refiner
+            (:mod:`medmeta_plugin.networks.refiner`: a network that reads the scan beside the carried prior,
+            trained on structures no benchmark scores), on the box around each carried prior; the answer
+            is then ``found_by: refined``. Not with ``refine``.
+        refiner: the refiner's weights (``.safetensors`` + ``.json``); default the shipped one.
         registration: the transform that registration fits, ``affine`` (rigid first, then affine: patients
             differ in size), ``bspline`` (then a coarse deformation: organs sit differently in two
             patients) or ``rigid`` (scans of one patient, e.g. follow-up).
@@ -93,8 +98,16 @@ class AppConfig:
     score_after_adapt: bool = True
     atlas: bool = True
     refine: bool = False
+    incontext: bool = False
+    refiner: Path = REFINER
     registration: str = "affine"
     precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.refine and self.incontext:
+            raise ValueError(
+                "--conf refine and --conf incontext both move the registered masks' boundary: turn one off."
+            )
 
     @property
     def label_map(self) -> dict[str, int]:
@@ -189,10 +202,10 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
         if key in _SERVER_KEYS:
             continue
         raw = str(raw)
-        if key == "backbone":
+        if key in ("backbone", "refiner"):
             path = Path(raw).expanduser()
             if not path.is_file():
-                raise ValueError(f"--conf backbone: no such file {str(path)!r}.")
+                raise ValueError(f"--conf {key}: no such file {str(path)!r}.")
             values[key] = path
         elif key == "mode":
             values[key] = look_up_option(raw, ADAPTER_MODES)
@@ -230,6 +243,6 @@ def parse_conf(conf: dict[str, str] | None) -> AppConfig:
             if raw not in _CHOICES[key]:
                 raise ValueError(f"--conf {key} must be one of {list(_CHOICES[key])}, got {raw!r}.")
             values[key] = raw
-        elif key in ("score_after_adapt", "atlas", "refine"):
+        elif key in ("score_after_adapt", "atlas", "refine", "incontext"):
             values[key] = _bool(key, raw)
     return AppConfig(**values)  # type: ignore[arg-type]

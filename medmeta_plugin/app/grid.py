@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from medmeta_plugin.io import ImageMeta, declared_size, read_image, read_label, resample
-from medmeta_plugin.transforms import normalize_intensity
+from medmeta_plugin.transforms import normalize_intensity, pad_to_multiple
 
 __all__ = [
     "NATIVE_FACTOR",
@@ -55,10 +55,6 @@ class WorkingVolume:
         """Remove the padding: (..., X', Y', Z') -> (..., X, Y, Z)."""
         x, y, z = self.shape
         return tensor[..., :x, :y, :z]
-
-
-def _padded(shape: tuple[int, ...], divisor: int) -> tuple[int, int, int]:
-    return tuple(int(-(-s // divisor) * divisor) for s in shape)  # type: ignore[return-value]
 
 
 def _check_working(
@@ -124,9 +120,7 @@ def load_working(
     work, working = resample(array, meta, spacing=spacing, orientation=WORKING_ORIENTATION)
     image = torch.as_tensor(normalize_intensity(work))
     shape = tuple(int(s) for s in image.shape[1:])
-    target = _padded(shape, divisor)
-    pad = [p for s, t in zip(reversed(shape), reversed(target)) for p in (0, t - s)]
-    image = torch.nn.functional.pad(image[None], pad, mode="replicate")
+    image = pad_to_multiple(image[None], divisor, mode="replicate")
     return WorkingVolume(image=image, shape=shape, working=working, original=meta)  # type: ignore[arg-type]
 
 

@@ -7,8 +7,10 @@ priors (:mod:`~medmeta_plugin.app.priors`):
 - the backbone runs once per scan, and only if a head does, and each ``head``-mode structure costs one
   1x1x1 convolution (100 structures cost 100 heads, not 100 networks);
 - each structure's answer says how it was found (:class:`Provenance`): ``label`` (the scan's own label),
-  ``registered`` (its labelled scans placed sure on this scan, their masks carried) or ``network`` (the
-  adapted head alone: atlas off, no prior, or every placement unsure - a guess, and flagged as one).
+  ``registered`` (its labelled scans placed sure on this scan, their masks carried), ``refined`` (those
+  carried masks with their boundary moved by the in-context refiner, ``--conf incontext true``) or
+  ``network`` (the adapted head alone: atlas off, no prior, or every placement unsure - a guess, and flagged
+  as one).
 """
 
 from __future__ import annotations
@@ -29,14 +31,15 @@ from medmeta_plugin.app.features import FeatureCache, backbone_output
 from medmeta_plugin.app.grid import WorkingVolume, to_original_grid
 from medmeta_plugin.app.priors import AtlasPriors, StructurePrior
 from medmeta_plugin.app.serving import Serving
-from medmeta_plugin.networks import BackboneOutput, TaskAdapter
+from medmeta_plugin.networks import BackboneOutput, Refiner, TaskAdapter, load_refiner, refine_prior
 
 __all__ = ["FOUND_BY", "Provenance", "Segmentation", "Segmenter", "mask_uncertainty"]
 
 logger = logging.getLogger(__name__)
 
-#: How a structure's answer was found: the scan's own label, registered labelled scans, or the network alone.
-FOUND_BY = ("label", "registered", "network")
+#: How a structure's answer was found: the scan's own label, registered labelled scans (as carried, or
+#: refined by the in-context network), or the adapted network alone.
+FOUND_BY = ("label", "registered", "refined", "network")
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ class Provenance:
 
     Attributes:
         found_by: one of :data:`FOUND_BY`: ``label`` (the scan's own label), ``registered`` (the carried
-            masks of the labelled scans placed sure on this scan) or ``network`` (the adapted head alone).
+            masks of the labelled scans placed sure on this scan), ``refined`` (those masks, their boundary
+            moved by the in-context refiner) or ``network`` (the adapted head alone).
         supports: the structure's labelled scans (those that could be read, when a prior was attempted).
         sure_supports: how many of the other labelled scans were placed sure on this scan; None when none was
             placed (its own label, atlas off, no readable labelled scan).
@@ -83,8 +87,8 @@ class Segmentation:
         labels: label map on the scan's own grid, shape (1, X, Y, Z), uint8 (uint16 beyond 255 structures).
         names: ``{structure: value}`` of the structures segmented.
         meta: the scan's geometry (to write ``labels`` with).
-        seconds: wall time per stage: ``scan``, ``priors``, ``backbone``, ``heads`` (the parts of ``model``,
-            everything up to the probabilities) and ``resample`` (back to the scan's grid).
+        seconds: wall time per stage: ``scan``, ``priors``, ``backbone``, ``refiner``, ``heads`` (the parts
+            of ``model``, everything up to the probabilities) and ``resample`` (back to the scan's grid).
         provenance: ``{structure: Provenance}``: how each answer was found and how sure it is.
     """
 
@@ -119,9 +123,12 @@ def mask_uncertainty(probs: Iterable[torch.Tensor]) -> float | None:
 _NETWORK_ALONE = "the adapted network's answer alone"
 
 
-def _placed(carried: CarriedPrior, supports: int, threshold: float, refine: bool) -> Provenance:
-    """The provenance of an answer from registered labelled scans, or of the network standing in for them
-    when none was placed sure (``carried.prior`` is None)."""
+def _placed(
+    carried: CarriedPrior, supports: int, threshold: float, refine: bool, incontext: bool = False
+) -> Provenance:
+    """The provenance of an answer from registered labelled scans (refined by the in-context network when
+    ``incontext``), or of the network standing in for them when none was placed sure (``carried.prior`` is
+    None)."""
     total, sure, best = len(carried.cases), carried.sure, carried.confidence
     unsure = [c for c in carried.cases if not c.sure and c.error is None]
     failed = [c for c in carried.cases if c.error is not None]
@@ -129,6 +136,7 @@ def _placed(carried: CarriedPrior, supports: int, threshold: float, refine: bool
         note = f"registered: carried masks of {sure} of {total} labelled scans placed sure"
         note += "" if best is None else f" (best confidence {best:.2f})"
         note += ", their boundary moved by the adapted head where it agrees" if refine else ""
+        note += ", their boundary moved onto this scan by the in-context refiner" if incontext else ""
         left_out = []
         if unsure:
             values = ", ".join(f"{c.confidence:.2f}" for c in unsure if c.confidence is not None)
@@ -136,7 +144,7 @@ def _placed(carried: CarriedPrior, supports: int, threshold: float, refine: bool
         if failed:
             left_out.append(f"{len(failed)} could not be placed ({failed[0].error})")
         note += f"; left out: {'; '.join(left_out)}" if left_out else ""
-        return Provenance("registered", supports, sure, best, True, note)
+        return Provenance("refined" if incontext else "registered", supports, sure, best, True, note)
     if best is None:
         note = f"no labelled scan could be placed on this scan ({failed[0].error}): {_NETWORK_ALONE}"
     elif total == 1:
@@ -157,11 +165,17 @@ class Segmenter:
         serving: the backbone and adapters being served (read afresh at every call, so a swap is seen).
         features: the cache of working-grid scans and backbone outputs.
         atlas: the atlas priors of the adapted structures.
+
+    Raises:
+        ValueError: with ``config.incontext``, if the refiner cannot be loaded.
     """
 
     def __init__(self, serving: Serving, features: FeatureCache, atlas: AtlasPriors) -> None:
         self.config = serving.config
         self._serving, self._features, self._atlas = serving, features, atlas
+        self._refiner: Refiner | None = None
+        if self.config.incontext and self.config.atlas:
+            self._refiner = load_refiner(self.config.refiner).to(serving.device)
 
     def label_values(self, names: Sequence[str]) -> dict[str, int]:
         """Output value of each structure: the configured ``labels`` value, else the next free value by name.
@@ -205,7 +219,8 @@ class Segmenter:
         if served.own:
             return served, Provenance("label", served.supports, None, None, True, "the scan's own label")
         threshold = self._atlas.placement.threshold
-        found = _placed(served.carried, served.supports, threshold, self.config.refine)
+        incontext = self._refiner is not None
+        found = _placed(served.carried, served.supports, threshold, self.config.refine, incontext)
         return (served if served.prior is not None else None), found
 
     def _segmentation_logits(
@@ -219,8 +234,10 @@ class Segmenter:
     ) -> tuple[torch.Tensor, Provenance]:
         """A structure's logits on the unpadded working grid, (X, Y, Z), and how they were found.
 
-        With a prior (:meth:`_find`) the answer is the prior's distance log-odds, fused with the head only
-        when ``config.refine`` is on; then a head-mode head runs only where it can change the answer
+        With a prior (:meth:`_find`) the answer is the prior's distance log-odds; with ``config.incontext``
+        the refiner's logits replace them on the box around the prior (:func:`refine_prior`; its time goes
+        to ``seconds["refiner"]``). With ``config.refine`` they are fused with the head instead: then a
+        head-mode head runs only where it can change the answer
         (:func:`head_region`: the carried structure and 6 mm around it), not on the whole scan. Without one
         the head answers. ``base`` gives the scan's backbone output; it is called only when a head runs.
         The time spent finding the prior is added to ``seconds["priors"]``.
@@ -233,6 +250,14 @@ class Segmenter:
         prior, distance = served.prior, served.distance
         if served.own:  # on a scan it was labelled on, a structure is its label
             return torch.where(prior >= 0.5, PRIOR_CAP, -PRIOR_CAP), found
+        if self._refiner is not None:
+            t0 = time.perf_counter()
+            image = volume.crop(volume.image)[0, 0]
+            logits, box = refine_prior(self._refiner, image, prior, self.config.spacing)
+            out = distance.clone()
+            out[box] = logits
+            seconds["refiner"] += time.perf_counter() - t0
+            return out, found
         if not self.config.refine:
             return distance, found
         region = head_region(distance)
@@ -283,14 +308,14 @@ class Segmenter:
     ) -> tuple[WorkingVolume, dict[str, torch.Tensor], dict[str, Provenance]]:
         """:meth:`probabilities` and each structure's :class:`Provenance`; the wall time of the stages goes
         into ``seconds`` when given: ``scan`` (reading it and its working grid), ``priors`` (placement,
-        registration and carrying of every structure's masks), ``backbone`` and ``heads``."""
+        registration and carrying of every structure's masks), ``backbone``, ``refiner`` and ``heads``."""
         seconds = {} if seconds is None else seconds
         start = time.perf_counter()
         chosen = self._select(self._serving.tasks("segmentation"), tasks)
         # The backbone runs only if a head does: structures answered by their atlas prior need the scan alone.
         volume = self._features.volume(image, self._serving.divisor)
         seconds["scan"] = time.perf_counter() - start
-        seconds["priors"] = seconds["backbone"] = 0.0
+        seconds["priors"] = seconds["backbone"] = seconds["refiner"] = 0.0
         computed: list[BackboneOutput] = []
 
         def base() -> BackboneOutput:
@@ -306,7 +331,7 @@ class Segmenter:
             logits, found[name] = self._segmentation_logits(name, task, image, volume, base, seconds)
             probs[name] = torch.sigmoid(logits)
         spent = time.perf_counter() - t_structures
-        seconds["heads"] = max(0.0, spent - seconds["priors"] - seconds["backbone"])
+        seconds["heads"] = max(0.0, spent - seconds["priors"] - seconds["backbone"] - seconds["refiner"])
         logger.debug("probabilities for %d structures in %.2f s", len(probs), time.perf_counter() - start)
         return volume, probs, found
 

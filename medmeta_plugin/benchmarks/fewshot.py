@@ -7,6 +7,8 @@ Methods:
                          (:mod:`~medmeta_plugin.benchmarks.served`: files, working grid, placement,
                          registration, the sure placements' carried masks, back to the query's grid; real
                          suites only);
+    ``incontext``        the same pipeline with the in-context refiner (``--conf incontext true``): the
+                         carried masks' boundary moved onto the query by a network that reads both;
     ``multitask+<mode>`` adaptation on the backbone trained jointly on the meta-training tasks;
     ``meta+<mode>``      adaptation on the meta-learned backbone (the shipped one by default).
 
@@ -39,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import DivisiblePad
 from monai.utils import look_up_option
 from tqdm import tqdm
 
@@ -55,6 +56,7 @@ from medmeta_plugin.registration import (
     REGISTRATION_TRANSFORMS,
     deterministic_registration,
 )
+from medmeta_plugin.transforms import pad_to_multiple
 
 __all__ = [
     "ATLAS_CHOICES",
@@ -73,6 +75,7 @@ __all__ = [
 METHODS = (
     "scratch",
     "atlas",
+    "incontext",
     *(f"multitask+{m}" for m in ADAPTER_MODES),
     *(f"meta+{m}" for m in ADAPTER_MODES),
 )
@@ -97,7 +100,7 @@ class DefaultPlan:
 
 
 _PHANTOM_PLAN = DefaultPlan(("scratch", "multitask+head", "meta+head"))
-_REAL_PLAN = DefaultPlan(("atlas",))
+_REAL_PLAN = DefaultPlan(("atlas", "incontext"))
 #: The default grid of each suite; ``--full`` runs every method, 3 seeds, and the fused variants.
 DEFAULT_PLANS: dict[str, DefaultPlan] = {
     "synthetic-heldout": _PHANTOM_PLAN,
@@ -107,7 +110,7 @@ DEFAULT_PLANS: dict[str, DefaultPlan] = {
     "abdomen-ct-to-mr-dev": _REAL_PLAN,
     "brain-heldout": _REAL_PLAN,
     "brain-dev": _REAL_PLAN,
-    "brain-tumour": DefaultPlan(("atlas",), shots=(1, 3)),
+    "brain-tumour": DefaultPlan(("atlas", "incontext"), shots=(1, 3)),
 }
 #: ``--full``: the whole grid.
 FULL_PLAN = DefaultPlan(METHODS, seeds=3, atlas="both")
@@ -117,7 +120,7 @@ def skipped_by_default(suite: str) -> str:
     """What the default plan of ``suite`` leaves to ``--full``, in words."""
     plan, full = DEFAULT_PLANS[suite], FULL_PLAN
     phantoms = suite.startswith("synthetic")  # no geometry: no atlas answer and nothing to fuse
-    left = [m for m in full.methods if m not in plan.methods and not (phantoms and m == "atlas")]
+    left = [m for m in full.methods if m not in plan.methods and not (phantoms and m in _PRIOR_METHODS)]
     parts = []
     if left:
         parts.append(f"methods {' '.join(left)}")
@@ -176,24 +179,28 @@ class BenchmarkConfig:
             look_up_option(head, SEGMENTATION_HEADS)
 
 
-def _pad(array: torch.Tensor, divisor: int, value: float = 0.0) -> torch.Tensor:
-    """``array`` (C, X, Y, Z) padded with ``value`` to multiples of ``divisor``."""
+def _pad(array: torch.Tensor, divisor: int, mode: str = "constant") -> torch.Tensor:
+    """``array`` (C, X, Y, Z) padded as the app pads (:func:`~medmeta_plugin.transforms.pad_to_multiple`)."""
     # A plain tensor, not MONAI's MetaTensor: its metadata tracking costs on every operation, and head-mode
     # adaptation runs many small ones.
-    return torch.as_tensor(DivisiblePad(k=divisor, value=value)(array)).as_subclass(torch.Tensor)
+    return pad_to_multiple(torch.as_tensor(array).as_subclass(torch.Tensor), divisor, mode)
 
 
 def _prepare_support(items: list[dict[str, Any]], divisor: int) -> list[dict[str, Any]]:
     """Whole support cases, padded to multiples of ``divisor``."""
     out = []
     for it in items:
-        entry = {"image": _pad(it["image"], divisor)}
+        entry = {"image": _pad(it["image"], divisor, "replicate")}
         if "label" in it:
             entry["label"] = _pad(it["label"], divisor)
         else:
             entry["target"] = torch.as_tensor(it["target"])
         out.append(entry)
     return out
+
+
+#: Methods that are the app's answer from the atlas prior (real suites only).
+_PRIOR_METHODS = ("atlas", "incontext")
 
 
 def _has_geometry(task: EvalTask) -> bool:
@@ -205,7 +212,7 @@ def _served(method: str, task: EvalTask) -> bool:
     """Whether ``method`` on ``task`` is answered by the app's pipeline: the app's default answer and
     head-mode segmentation (the mode the app serves); other modes, ``scratch`` and volume-level tasks are
     scored as components, with :func:`medmeta_plugin.adapt.adapt` and a whole-volume forward."""
-    return task.kind == "segmentation" and (method == "atlas" or method.endswith("+head"))
+    return task.kind == "segmentation" and (method in _PRIOR_METHODS or method.endswith("+head"))
 
 
 def _mask_logits(mask: np.ndarray) -> torch.Tensor:
@@ -222,7 +229,7 @@ def _score(model: MetaModel, task: EvalTask, name: str, divisor: int, precision:
     """
     device = next(model.parameters()).device
     if task.kind != "segmentation":
-        images = torch.stack([_pad(q["image"], divisor) for q in task.query]).to(device)
+        images = torch.stack([_pad(q["image"], divisor, "replicate") for q in task.query]).to(device)
         out = model(images, name, precision)
         target = torch.tensor([q["target"] for q in task.query], device=device)
         if task.kind == "classification":
@@ -231,7 +238,7 @@ def _score(model: MetaModel, task: EvalTask, name: str, divisor: int, precision:
     scores = []
     for q in task.query:
         label = _pad(q["label"], divisor)[None].to(device)
-        logits = model(_pad(q["image"], divisor)[None].to(device), name, precision)
+        logits = model(_pad(q["image"], divisor, "replicate")[None].to(device), name, precision)
         scores.append(task_score("segmentation", logits, label))
     return float(np.mean(scores))
 
@@ -286,14 +293,14 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
     scratch_config = reference.config if reference is not None else Backbone3D().config
     divisor = (reference or Backbone3D(scratch_config)).size_divisor
     records = []
-    heads = {m: ("linear",) if m in ("scratch", "atlas") else config.heads for m in config.methods}
+    heads = {m: ("linear",) if m in ("scratch", *_PRIOR_METHODS) else config.heads for m in config.methods}
     jobs = [
         (t, k, s, m, h)
         for t in tasks
         for k in config.shots
         for s in range(config.seeds)
         for m in config.methods
-        if m != "atlas" or _has_geometry(t)
+        if m not in _PRIOR_METHODS or _has_geometry(t)
         for h in (heads[m] if t.kind == "segmentation" else ("linear",))
     ]
     fused = {"off": (False,), "on": (True,), "both": (False, True)}[config.atlas]
@@ -306,13 +313,14 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
         label = f"{method}@{head}" if len(heads[method]) > 1 else method
         record = {"task": task.name, "kind": task.kind, "shots": shots, "seed": seed, "metric": "dice"}
         if _served(method, task):  # the app's own pipeline answers
-            family = "meta" if method == "atlas" else method.partition("+")[0]
-            variants = ((True, False),) if method == "atlas" else ((False, False),)
-            if method != "atlas" and _has_geometry(task):
+            prior_method = method in _PRIOR_METHODS
+            family = "meta" if prior_method else method.partition("+")[0]
+            variants = ((True, False),) if prior_method else ((False, False),)
+            if not prior_method and _has_geometry(task):
                 variants = tuple((f, f) for f in fused)  # fused: carried masks refined by the head
-            served_head = DEFAULT_SEGMENTATION_HEAD if method == "atlas" else head  # atlas: the app's default
+            served_head = DEFAULT_SEGMENTATION_HEAD if prior_method else head  # the app's default head
             for prior, refine in variants:
-                pipeline = pipelines.get(family, served_head, prior, refine)
+                pipeline = pipelines.get(family, served_head, prior, refine, method == "incontext")
                 answers = pipeline.answer(task.name, drawn, task.query)
                 if prior:
                     unsure += sum(a.provenance.found_by == "network" for a in answers)
@@ -387,15 +395,18 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
 
 class _Pipelines:
     """The app's pipeline, one :class:`~medmeta_plugin.benchmarks.served.ServedPipeline` per setting a run
-    needs (backbone family, head, atlas prior, refine), each with the run's registration and precision."""
+    needs (backbone family, head, atlas prior, refine, in-context refiner), each with the run's registration
+    and precision."""
 
     def __init__(self, config: BenchmarkConfig) -> None:
         self.config = config
         self.backbones = {"meta": config.meta_backbone, "multitask": config.multitask_backbone}
-        self.made: dict[tuple[str, str, bool, bool], ServedPipeline] = {}
+        self.made: dict[tuple[str, str, bool, bool, bool], ServedPipeline] = {}
 
-    def get(self, family: str, head: str, prior: bool, refine: bool) -> ServedPipeline:
-        key = (family, head, prior, refine)
+    def get(
+        self, family: str, head: str, prior: bool, refine: bool, incontext: bool = False
+    ) -> ServedPipeline:
+        key = (family, head, prior, refine, incontext)
         if key not in self.made:
             c = self.config
             conf = {
@@ -403,6 +414,7 @@ class _Pipelines:
                 "head": head,
                 "atlas": str(prior).lower(),
                 "refine": str(refine).lower(),
+                "incontext": str(incontext).lower(),
                 "registration": c.registration,
                 "precision": c.precision,
                 "adapt_steps": str(c.head_steps),

@@ -18,7 +18,9 @@ the real pairs of the project at all:
    AAL regions as the field-of-view suite does). The carried mask is the product's own: placement and
    registration (:func:`~medmeta_plugin.registration.register`, the app's defaults) of the labelled scan
    onto the query, its mask warped over. Three answers per structure: the carried mask alone (what the app
-   serves), the refiner with it, and the refiner with an empty carried channel (the scan alone).
+   serves), the refiner with it, and the refiner with an empty carried channel in the same box (the scan
+   alone). The refiner runs as the app runs it (:func:`~medmeta_plugin.networks.refine_prior`): on the box
+   around the carried prior.
 
 ``medmeta benchmark incontext``; figures and the decision they support: docs/benchmarks/incontext.md.
 """
@@ -37,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from medmeta_plugin.app.grid import label_to_working, load_working
@@ -46,15 +47,13 @@ from medmeta_plugin.benchmarks.scoring import mask_dice
 from medmeta_plugin.benchmarks.suites import real_case
 from medmeta_plugin.episodes.carried import CarryConfig, simulate_carry
 from medmeta_plugin.episodes.splits import ABDOMEN_DEV, BRAIN_DEV, is_held_out
-from medmeta_plugin.networks import Backbone3D
-from medmeta_plugin.networks.backbone import BackboneConfig
+from medmeta_plugin.networks import Refiner, refine_prior
 from medmeta_plugin.networks.objectives import task_loss
 from medmeta_plugin.registration import register
 from medmeta_plugin.registration.warp import warp_to
 
 __all__ = [
     "InContextConfig",
-    "Refiner",
     "ScanCase",
     "format_incontext",
     "load_scan",
@@ -104,23 +103,6 @@ class InContextConfig:
             raise ValueError(f"patch must be a positive multiple of {divisor}, got {self.patch}.")
         if not 1.0 <= self.spacing_mm <= 6.0:
             raise ValueError(f"spacing_mm must be in [1, 6], got {self.spacing_mm}.")
-
-
-class Refiner(nn.Module):
-    """Scan and carried mask in, the structure's logits out: a two-channel backbone and a 1x1x1 head.
-
-    Args:
-        features: the backbone's channels per level, finest first.
-    """
-
-    def __init__(self, features: tuple[int, ...]) -> None:
-        super().__init__()
-        self.backbone = Backbone3D(BackboneConfig(in_channels=2, features=tuple(features)))
-        self.head = nn.Conv3d(self.backbone.feature_channels, 1, kernel_size=1)
-
-    def forward(self, image: torch.Tensor, carried: torch.Tensor) -> torch.Tensor:
-        """Logits, shape (B, 1, X, Y, Z), of images (B, 1, X, Y, Z) with their carried masks (same shape)."""
-        return self.head(self.backbone(torch.cat([image, carried], 1)).features)
 
 
 @dataclass
@@ -282,21 +264,23 @@ def train_refiner(
     return model.eval(), log
 
 
-def _padded(array: np.ndarray, divisor: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """(1, 1, X', Y', Z') zero-padded at the high end to multiples of ``divisor``; the original shape."""
-    shape = array.shape
-    pad = [p for s in reversed(shape) for p in (0, -(-s // divisor) * divisor - s)]
-    return F.pad(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), pad)[None, None], shape
+def refine(
+    model: Refiner, image: np.ndarray, carried: np.ndarray, spacing_mm: float, blind: bool = False
+) -> np.ndarray:
+    """The refiner's mask of a whole scan (X, Y, Z) given its carried prior (X, Y, Z): bool (X, Y, Z).
 
-
-@torch.no_grad()
-def refine(model: Refiner, image: np.ndarray, carried: np.ndarray) -> np.ndarray:
-    """The refiner's mask of a whole scan (X, Y, Z) given its carried mask (X, Y, Z): bool (X, Y, Z)."""
-    divisor = 2 ** (len(model.backbone.config.features) - 1)
-    x, shape = _padded(image, divisor)
-    c, _ = _padded(carried, divisor)
-    logits = model(x, c)[0, 0, : shape[0], : shape[1], : shape[2]]
-    return logits.numpy() > 0
+    As the app runs it (:func:`~medmeta_plugin.networks.refine_prior`): on the box around the carried prior;
+    outside it, nothing. An empty carried prior gives an empty mask; ``blind`` zeroes the carried channel
+    (the scan alone, in the same box).
+    """
+    out = np.zeros(image.shape, bool)
+    if not (carried > 0.05).any():
+        return out
+    logits, box = refine_prior(
+        model, torch.from_numpy(image), torch.from_numpy(carried), (spacing_mm,) * 3, blind=blind
+    )
+    out[box] = logits.numpy() > 0
+    return out
 
 
 def score_pair(
@@ -305,8 +289,7 @@ def score_pair(
     """Carried, refined and scan-alone Dice of each structure labelled in both scans (module docstring)."""
     registration = register(query.image, query.affine, support.image, support.affine)
     placement = registration.placement
-    # With the carried channel empty the refiner's input is the same for every structure: one pass.
-    alone = refine(model, query.image, np.zeros(query.image.shape, np.float32))
+    spacing = float(np.linalg.norm(query.affine[:3, 0]))
     rows = []
     for name in structures:
         if name not in support.structures or name not in query.structures:
@@ -323,8 +306,8 @@ def score_pair(
                 "sure": registration.sure,
                 "confidence": None if placement is None else round(float(placement.confidence), 3),
                 "carried": round(mask_dice(carried >= 0.5, truth), 4),
-                "refined": round(mask_dice(refine(model, query.image, carried), truth), 4),
-                "scan_alone": round(mask_dice(alone, truth), 4),
+                "refined": round(mask_dice(refine(model, query.image, carried, spacing), truth), 4),
+                "scan_alone": round(mask_dice(refine(model, query.image, carried, spacing, True), truth), 4),
             }
         )
     return rows
@@ -335,16 +318,23 @@ def run_incontext(
     pairs: Sequence[tuple[str, str]] = PAIRS,
     progress: bool = True,
     loader: Callable[[str, float], ScanCase] = load_scan,
-) -> dict[str, Any]:
-    """Train the refiner, then score it on ``pairs`` (support -> query) and the development structures.
+    refiner: Refiner | None = None,
+) -> tuple[dict[str, Any], Refiner]:
+    """Train the refiner (or take ``refiner``, already trained), then score it on ``pairs``
+    (support -> query) and the development structures.
 
     Returns:
-        A JSON-ready dict: ``config``, ``device``, ``training`` (structure counts per case), ``log``,
-        ``rows`` (one per pair and structure), ``summary`` (:func:`summarise`), ``seconds``.
+        A JSON-ready dict: ``config``, ``device``, ``training`` (structure counts per case),
+        ``training_structures`` (their names), ``log`` (empty
+        when ``refiner`` was given), ``rows`` (one per pair and structure), ``summary`` (:func:`summarise`),
+        ``seconds``; and the refiner.
     """
     start = time.perf_counter()
     cases = {name: loader(name, config.spacing_mm) for name in CASES}
-    model, log = train_refiner(list(cases.values()), config, progress)
+    if refiner is None:
+        model, log = train_refiner(list(cases.values()), config, progress)
+    else:
+        model, log = refiner.eval(), []
     trained_s = time.perf_counter() - start
     scored = list(ABDOMEN_DEV) + list(BRAIN_DEV)
     rows = []
@@ -355,12 +345,13 @@ def run_incontext(
         "config": asdict(config),
         "device": f"cpu: {platform.machine()}, {torch.get_num_threads()} torch threads",
         "training": {name: len(training_structures(c)) for name, c in cases.items()},
+        "training_structures": {name: training_structures(c) for name, c in cases.items()},
         "log": log,
         "rows": rows,
         "summary": summarise(rows),
         "train_seconds": round(trained_s, 1),
         "seconds": round(time.perf_counter() - start, 1),
-    }
+    }, model
 
 
 _ANSWERS = ("carried", "refined", "scan_alone")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from medmeta_plugin.benchmarks.suites import build_suite
 from medmeta_plugin.networks import Backbone3D, load_backbone
+from medmeta_plugin.transforms import pad_to_multiple
 
 __all__ = ["PROBE_HEADS", "run_probe", "summarise_probe"]
 
@@ -48,9 +49,8 @@ def _with_levels(backbone: Backbone3D, levels: int) -> Backbone3D:
 def _features(backbone: Backbone3D, image: torch.Tensor) -> torch.Tensor:
     """Voxel features (X*Y*Z, C) of one image (1, X, Y, Z), padded to the size divisor and cropped back."""
     size = image.shape[1:]
-    pad = [p for s in reversed(size) for p in (0, -s % backbone.size_divisor)]
     with torch.no_grad():
-        features = backbone(F.pad(image, pad)[None]).features[0]
+        features = backbone(pad_to_multiple(image, backbone.size_divisor)[None]).features[0]
     return features[:, : size[0], : size[1], : size[2]].flatten(1).T
 
 

@@ -285,6 +285,15 @@ def _add_benchmark(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="draw every training carry at its largest departure (docs/benchmarks/incontext.md, first run)",
     )
+    c.add_argument(
+        "--save",
+        type=Path,
+        help="also save the trained refiner (.safetensors + .json with its config, log and this command); "
+        "the shipped one: sample_apps/backbone/refiner.safetensors",
+    )
+    c.add_argument(
+        "--refiner", type=Path, help="score this saved refiner instead of training one (no --save then)"
+    )
     c.add_argument("--out", type=Path, default=Path("results_incontext.json"))
     c.set_defaults(func=_benchmark_incontext)
     _add_placement(inner)
@@ -463,7 +472,11 @@ def _benchmark_incontext(args: argparse.Namespace) -> int:
         write_incontext,
     )
     from medmeta_plugin.episodes.carried import CarryConfig
+    from medmeta_plugin.networks import load_refiner, save_refiner
 
+    if args.refiner is not None and args.save is not None:
+        raise ValueError("--refiner scores a saved refiner; --save saves a trained one: give one of them.")
+    refiner = None if args.refiner is None else load_refiner(args.refiner)
     config = InContextConfig(
         steps=args.steps,
         batch=args.batch,
@@ -471,14 +484,30 @@ def _benchmark_incontext(args: argparse.Namespace) -> int:
         seed=args.seed,
         carry=CarryConfig(varied=not args.full_carries),
     )
-    results = run_incontext(config)
-    print(f"in-context probe: {config.steps} steps, on {results['device']}, {results['seconds']:.0f} s")
-    print("training log:", json.dumps(results["log"][-3:]))
+    if refiner is not None:
+        config = dataclasses.replace(config, features=tuple(refiner.backbone.config.features))
+    command = "medmeta benchmark incontext " + " ".join(sys.argv[3:])
+    results, model = run_incontext(config, refiner=refiner)
+    trained = "a saved refiner" if refiner is not None else f"{config.steps} steps"
+    print(f"in-context probe: {trained}, on {results['device']}, {results['seconds']:.0f} s")
+    if results["log"]:
+        print("training log:", json.dumps(results["log"][-3:]))
     print(format_incontext(results))
-    write_incontext(
-        args.out, results, "medmeta benchmark incontext " + " ".join(sys.argv[3:]), _code_version()
-    )
+    write_incontext(args.out, results, command, _code_version())
     print(f"results: {args.out}")
+    if args.save is not None:
+        extra = {
+            "config": results["config"],
+            "training": results["training"],
+            "training_structures": results["training_structures"],
+            "log": results["log"],
+            "summary": results["summary"],
+            "device": results["device"],
+            "train_seconds": results["train_seconds"],
+            "command": command,
+            "code_version": _code_version(),
+        }
+        print(f"refiner: {save_refiner(model, args.save, extra)}")
     return 0
 
 

@@ -18,12 +18,15 @@ from medmeta_plugin.networks.heads import (
     build_head,
 )
 from medmeta_plugin.networks.model import MetaModel, TaskAdapter, TaskInfo
+from medmeta_plugin.networks.refiner import Refiner, refine_prior
 from medmeta_plugin.networks.serialization import (
     backbone_hash,
     load_adapter,
     load_backbone,
+    load_refiner,
     save_adapter,
     save_backbone,
+    save_refiner,
 )
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "HeadOnlyAdapter",
     "LoraAdapter",
     "MetaModel",
+    "Refiner",
     "RegressionHead",
     "SegmentationHead",
     "TaskAdapter",
@@ -48,6 +52,9 @@ __all__ = [
     "build_head",
     "load_adapter",
     "load_backbone",
+    "load_refiner",
+    "refine_prior",
     "save_adapter",
     "save_backbone",
+    "save_refiner",
 ]

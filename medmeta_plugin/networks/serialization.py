@@ -29,11 +29,21 @@ from medmeta_plugin.atomic import atomic_write_bytes
 from medmeta_plugin.names import validate_name
 from medmeta_plugin.networks.backbone import Backbone3D, BackboneConfig
 from medmeta_plugin.networks.model import MetaModel, TaskAdapter, TaskInfo
+from medmeta_plugin.networks.refiner import Refiner
 
-__all__ = ["backbone_hash", "load_adapter", "load_backbone", "save_adapter", "save_backbone"]
+__all__ = [
+    "backbone_hash",
+    "load_adapter",
+    "load_backbone",
+    "load_refiner",
+    "save_adapter",
+    "save_backbone",
+    "save_refiner",
+]
 
 ADAPTER_FORMAT = "medmeta-adapter"
 BACKBONE_FORMAT = "medmeta-backbone"
+REFINER_FORMAT = "medmeta-refiner"
 FORMAT_VERSION = 1
 
 
@@ -149,6 +159,40 @@ def load_backbone(path: str | Path) -> Backbone3D:
     backbone = Backbone3D(config)
     _load_state(backbone, tensors, weights_path)
     return backbone
+
+
+def save_refiner(refiner: Refiner, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Save the in-context refiner as ``<path>.safetensors`` + ``<path>.json`` (its features and ``extra``:
+    the training config, log and command).
+
+    Returns:
+        The path of the ``.safetensors`` file.
+    """
+    weights_path = Path(path).with_suffix(".safetensors")
+    meta = {
+        "format": REFINER_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "features": list(refiner.backbone.config.features),
+        "created": _now(),
+        **(extra or {}),
+    }
+    _write_pair(weights_path, _tensors(refiner), meta)
+    return weights_path
+
+
+def load_refiner(path: str | Path) -> Refiner:
+    """Load a refiner saved by :func:`save_refiner` (either file of the pair may be given), in eval mode.
+
+    Raises:
+        ValueError: if a file is missing, corrupt, of another format, or the weights do not fit.
+    """
+    tensors, meta, weights_path = _read_pair(path, REFINER_FORMAT)
+    try:
+        refiner = Refiner(tuple(int(f) for f in meta["features"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{weights_path.with_suffix('.json')}: invalid refiner features ({err}).") from err
+    _load_state(refiner, tensors, weights_path)
+    return refiner.eval()
 
 
 def save_adapter(

@@ -16,7 +16,7 @@ from medmeta_plugin.app.config import parse_conf
 from medmeta_plugin.app.engine import Engine
 from medmeta_plugin.app.priors import _array
 from medmeta_plugin.io import ImageMeta, read_image, write_image
-from medmeta_plugin.networks import TaskAdapter
+from medmeta_plugin.networks import Refiner, TaskAdapter, save_refiner
 from medmeta_plugin.networks.heads import POSITION_HIDDEN
 from medmeta_plugin.networks.position import POSITION_CHANNELS
 from medmeta_plugin.registration import Placement, PlacementConfig, Registration
@@ -352,6 +352,52 @@ def test_each_answer_says_how_it_was_found(
         # The unsure placement's carried mask is not served: the answer is the head's, as with atlas off.
         head_alone = Engine(dataclasses.replace(engine.config, atlas=False), engine.model_dir)
         np.testing.assert_array_equal(result.labels, head_alone.segment(image).labels)
+
+
+def _refiner_file(folder: Path, bias: float) -> Path:
+    """A tiny refiner whose head answers ``bias`` everywhere (its weights zeroed): a known answer."""
+    refiner = Refiner((4, 8))
+    with torch.no_grad():
+        refiner.head.weight.zero_()
+        refiner.head.bias.fill_(bias)
+    return save_refiner(refiner, folder / f"refiner{bias:+g}")
+
+
+@pytest.mark.parametrize("bias", [-50.0, 50.0])
+def test_the_in_context_refiner_answers_on_the_box_of_the_carried_mask_and_says_so(
+    tmp_path: Path, studies: dict, tiny_backbone: Path, bias: float
+) -> None:
+    conf = app_conf(tiny_backbone, incontext="true", refiner=str(_refiner_file(tmp_path, bias)))
+    engine = Engine(parse_conf(conf), tmp_path / "model")
+    image_a, image_c = str(studies["studies"] / "a.nii.gz"), studies["studies"] / "c.nii.gz"
+    engine.adapt_task("ball", "segmentation", [Example(image_a, str(studies["a"]), 1)])
+    result = engine.segment(image_c)
+    found = result.provenance["ball"]
+    assert (found.found_by, found.sure) == ("refined", True) and "in-context refiner" in found.note
+    assert result.seconds["refiner"] > 0.0
+    volume, probs = engine.probabilities(image_c)
+    carried = engine._atlas.prior(str(image_c), volume, engine.atlas_examples("ball")).prior
+    assert carried is not None and bool((carried >= 0.5).any())
+    if bias < 0:  # the refiner says "not the ball" on its whole box, which holds the carried mask
+        assert not bool((probs["ball"] > 0.5).any()) and not (result.labels == 1).any()
+    else:  # it says "ball" on the whole box: the carried mask and the margin around it
+        answer = probs["ball"] > 0.5
+        assert bool(answer[carried >= 0.5].all()) and int(answer.sum()) > int((carried >= 0.5).sum())
+    # Its own label is still the answer on the scan it was labelled on.
+    own = engine.segment(image_a).provenance["ball"]
+    assert own.found_by == "label"
+
+
+def test_refine_and_incontext_are_not_both_on_and_the_refiner_must_exist(
+    tmp_path: Path, tiny_backbone: Path
+) -> None:
+    with pytest.raises(ValueError, match="turn one off"):
+        parse_conf(app_conf(tiny_backbone, incontext="true", refine="true"))
+    with pytest.raises(ValueError, match="--conf refiner: no such file"):
+        parse_conf(app_conf(tiny_backbone, incontext="true", refiner=str(tmp_path / "none.safetensors")))
+    backbone = str(tiny_backbone)  # a backbone file is not a refiner: the engine refuses it at start
+    with pytest.raises(ValueError, match="expected format 'medmeta-refiner'"):
+        Engine(parse_conf(app_conf(tiny_backbone, incontext="true", refiner=backbone)), tmp_path / "m")
 
 
 def test_some_placements_unsure_leave_the_sure_ones_serving(engine: Engine, studies: dict) -> None:

@@ -256,7 +256,7 @@ def test_each_voxel_gets_the_most_probable_structure_above_the_threshold(
     assert result.labels.shape == (1, *GEOMETRIES["lps"].shape) and result.labels.dtype == np.uint8
     assert np.unique(result.labels).tolist() == [expected]
     np.testing.assert_allclose(result.meta.affine, read_image(_scan(studies, "c"))[1].affine)
-    assert set(result.seconds) == {"scan", "priors", "backbone", "heads", "model", "resample"}
+    assert set(result.seconds) == {"scan", "priors", "backbone", "refiner", "heads", "model", "resample"}
     assert all(s >= 0 for s in result.seconds.values())
     for name in ("ball", "box"):
         found = result.provenance[name]

@@ -312,12 +312,13 @@ def test_development_structures_are_not_held_out() -> None:
 
 
 def test_every_suite_has_a_default_plan_of_the_apps_methods() -> None:
-    """Without --full a suite runs its plan: real suites the app's own pipeline (``atlas``) only, unfused."""
+    """Without --full a suite runs its plan: real suites the app's own pipeline (``atlas``, and with the
+    in-context refiner ``incontext``) only, unfused."""
     assert set(fewshot.DEFAULT_PLANS) == set(SUITES)
     for suite, plan in fewshot.DEFAULT_PLANS.items():
         assert set(plan.methods) <= set(fewshot.METHODS) and plan.seeds >= 1 and plan.shots
         if suite.startswith(("abdomen", "brain")):
-            assert plan.methods == ("atlas",) and plan.atlas == "off", suite
+            assert plan.methods == ("atlas", "incontext") and plan.atlas == "off", suite
         assert "seeds 2-3" in fewshot.skipped_by_default(suite)
     assert fewshot.FULL_PLAN.methods == fewshot.METHODS and fewshot.FULL_PLAN.atlas == "both"
 

@@ -1,8 +1,11 @@
 """The in-context probe's parts on a phantom scan: which structures it may train on (never one a benchmark
-scores, either side, either atlas's name), a short training run, whole-scan refinement, a scan scored
-against itself (the product's registration places it where it is), the summary, its Markdown and settings."""
+scores, either side, either atlas's name), a short training run, refinement on the box of the carried mask,
+a scan scored against itself (the product's registration places it where it is), the summary, its Markdown
+and settings; and the shipped refiner's record of what it trained on."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -10,7 +13,6 @@ import torch
 
 from medmeta_plugin.benchmarks.incontext import (
     InContextConfig,
-    Refiner,
     ScanCase,
     _root,
     format_incontext,
@@ -22,6 +24,7 @@ from medmeta_plugin.benchmarks.incontext import (
 )
 from medmeta_plugin.episodes.carried import CarryConfig
 from medmeta_plugin.episodes.splits import ABDOMEN_DEV, ABDOMEN_HELDOUT, BRAIN_DEV
+from medmeta_plugin.networks import Refiner
 
 
 def _phantom(structures: dict[str, tuple[int, ...]] | None = None) -> ScanCase:
@@ -93,8 +96,11 @@ def test_a_short_training_run_logs_and_refines_a_whole_scan() -> None:
     assert not model.training
     assert [entry["step"] for entry in log] == [4]
     assert set(log[0]) == {"step", "loss", "carried_dice", "refined_dice"} and np.isfinite(log[0]["loss"])
-    out = refine(model, case.image, case.mask("liver").astype(np.float32))
+    liver = case.mask("liver")
+    out = refine(model, case.image, liver.astype(np.float32), 3.0)
     assert out.shape == case.image.shape and out.dtype == bool
+    empty = refine(model, case.image, np.zeros(case.image.shape, np.float32), 3.0)
+    assert not empty.any(), "nothing carried, nothing refined"
 
 
 def test_training_is_repeatable_by_seed() -> None:
@@ -153,3 +159,20 @@ def test_summary_counts_where_the_refiner_helps_and_hurts() -> None:
 def test_incontext_config_rejects_bad_settings(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         InContextConfig(**kwargs)
+
+
+def test_the_shipped_refiner_never_trained_on_a_structure_a_benchmark_scores() -> None:
+    from medmeta_plugin.benchmarks.incontext import CASES, _scored_roots
+    from medmeta_plugin.episodes.splits import HELDOUT_STRUCTURES, is_held_out
+    from medmeta_plugin.paths import REFINER
+
+    record = REFINER.with_suffix(".json")
+    if not record.is_file():
+        pytest.skip("no shipped refiner")
+    meta = json.loads(record.read_text())
+    names = meta["training_structures"]
+    assert set(names) == set(CASES) and {k: len(v) for k, v in names.items()} == meta["training"]
+    every = [n for case in names.values() for n in case]
+    assert every and not set(every) & HELDOUT_STRUCTURES
+    assert not any(is_held_out(n) or _root(n) in _scored_roots() for n in every)
+    assert meta["command"].startswith("medmeta benchmark incontext") and "--save" in meta["command"]

@@ -1,0 +1,109 @@
+"""The in-context refiner: a network that reads a scan beside the mask registration carried onto it.
+
+A structure's labelled scans, placed and registered onto a new scan, carry their masks over
+(:mod:`medmeta_plugin.adapt.atlas`); where the two patients differ, the carried boundary misses the image's.
+The refiner learns the local skill of moving a carried boundary onto the edges under it - a skill that does
+not depend on which structure it is, so it transfers to structures it never saw (issue 18; figures in
+``docs/benchmarks/incontext.md``). It is a :class:`~medmeta_plugin.networks.Backbone3D` with two input
+channels (the scan and the carried prior) and a 1x1x1 head, trained by ``medmeta benchmark incontext
+--save``, shipped as ``sample_apps/backbone/refiner.safetensors`` + ``.json``.
+
+:func:`refine_prior` is how every user runs it: on the box of the carried prior and a margin around it
+(the region where the boundary can move), its intensities standardised as in training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from medmeta_plugin.networks.backbone import Backbone3D, BackboneConfig
+from medmeta_plugin.transforms import pad_to_multiple
+
+__all__ = ["REFINER_MARGIN_MM", "Refiner", "refine_prior"]
+
+#: How far around the carried prior the refiner looks (mm): the training carries move a boundary by up to
+#: 12 mm of shift and 9 mm of warp (:class:`~medmeta_plugin.episodes.carried.CarryConfig`).
+REFINER_MARGIN_MM = 24.0
+# The smallest box edge (voxels), the training crops' edge: instance normalisation sees a context like theirs.
+MIN_BOX = 48
+
+
+class Refiner(nn.Module):
+    """Scan and carried prior in, the structure's logits out: a two-channel backbone and a 1x1x1 head.
+
+    Args:
+        features: the backbone's channels per level, finest first.
+    """
+
+    def __init__(self, features: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+        super().__init__()
+        self.backbone = Backbone3D(BackboneConfig(in_channels=2, features=tuple(features)))
+        self.head = nn.Conv3d(self.backbone.feature_channels, 1, kernel_size=1)
+
+    @property
+    def divisor(self) -> int:
+        """Input edges must be multiples of this."""
+        return 2 ** (len(self.backbone.config.features) - 1)
+
+    def forward(self, image: torch.Tensor, carried: torch.Tensor) -> torch.Tensor:
+        """Logits, shape (B, 1, X, Y, Z), of images (B, 1, X, Y, Z) with their carried priors (same shape)."""
+        return self.head(self.backbone(torch.cat([image, carried], 1)).features)
+
+
+def _box(prior: torch.Tensor, margin: tuple[int, int, int], divisor: int) -> tuple[slice, slice, slice]:
+    """The voxels of ``prior`` (X, Y, Z) above 0.05, grown by ``margin`` voxels per axis, at least
+    :data:`MIN_BOX` and a multiple of ``divisor`` per axis where the scan allows, clipped to the scan."""
+    where = (prior > 0.05).nonzero()
+    if where.numel() == 0:
+        raise ValueError("the carried prior is empty: there is nothing to refine.")
+    box = []
+    for axis, size in enumerate(prior.shape):
+        lo, hi = int(where[:, axis].min()) - margin[axis], int(where[:, axis].max()) + 1 + margin[axis]
+        want = max(hi - lo, MIN_BOX)
+        want = min(math.ceil(want / divisor) * divisor, size)
+        centre = (lo + hi) // 2
+        start = min(max(centre - want // 2, 0), size - want)
+        box.append(slice(start, start + want))
+    return box[0], box[1], box[2]
+
+
+@torch.no_grad()
+def refine_prior(
+    model: Refiner,
+    image: torch.Tensor,
+    prior: torch.Tensor,
+    spacing_mm: tuple[float, float, float],
+    blind: bool = False,
+) -> tuple[torch.Tensor, tuple[slice, slice, slice]]:
+    """The refiner's logits of a structure on the box around its carried prior.
+
+    Args:
+        model: the refiner (eval mode).
+        image: the scan on its working grid, shape (X, Y, Z), float.
+        prior: the carried prior on the same grid, shape (X, Y, Z), in [0, 1] (the mean of the labelled
+            scans' carried masks).
+        spacing_mm: the grid's voxel size, to turn :data:`REFINER_MARGIN_MM` into voxels.
+        blind: give the network the box but an empty carried channel (an ablation: what the scan alone says).
+
+    Returns:
+        Logits on the box, shape of ``image[box]``, float32 on the CPU, and the box (slices of the grid).
+
+    Raises:
+        ValueError: if the shapes differ or the prior is empty.
+    """
+    if image.shape != prior.shape or image.dim() != 3:
+        raise ValueError(f"image and prior must be (X, Y, Z) of one shape, got {image.shape}, {prior.shape}.")
+    margin = tuple(math.ceil(REFINER_MARGIN_MM / s) for s in spacing_mm)
+    box = _box(prior, margin, model.divisor)  # type: ignore[arg-type]
+    crop = image[box].float()
+    crop = (crop - crop.mean()) / (crop.std() + 1e-6)  # as the training crops are
+    carried = torch.zeros_like(crop) if blind else prior[box].float()
+    shape = crop.shape
+    device = next(model.parameters()).device
+    x = pad_to_multiple(crop[None, None], model.divisor, "replicate").to(device)
+    c = pad_to_multiple(carried[None, None], model.divisor).to(device)
+    logits = model(x, c)[0, 0, : shape[0], : shape[1], : shape[2]]
+    return logits.float().cpu(), box

@@ -1,0 +1,100 @@
+"""The in-context refiner: its forward, the box it runs on, its saved form."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medmeta_plugin.networks import Refiner, load_backbone, load_refiner, refine_prior, save_refiner
+from medmeta_plugin.networks.refiner import MIN_BOX, REFINER_MARGIN_MM, _box
+
+
+@pytest.fixture
+def refiner() -> Refiner:
+    torch.manual_seed(0)
+    return Refiner((4, 8)).eval()
+
+
+def test_forward_gives_one_logit_map_per_image(refiner: Refiner) -> None:
+    image, carried = torch.randn(2, 1, 16, 8, 12), torch.rand(2, 1, 16, 8, 12)
+    assert refiner(image, carried).shape == (2, 1, 16, 8, 12)
+    assert refiner.divisor == 2
+
+
+def test_the_box_covers_the_prior_and_its_margin_within_the_scan() -> None:
+    prior = torch.zeros(120, 100, 30)
+    prior[50:60, 40:45, 10:20] = 1.0
+    box = _box(prior, (8, 8, 8), 8)
+    for axis, (lo, hi) in enumerate([(50, 60), (40, 45), (10, 20)]):
+        s, size = box[axis], prior.shape[axis]
+        assert 0 <= s.start <= max(lo - 8, 0) and min(hi + 8, size) <= s.stop <= size
+    assert box[0].stop - box[0].start == MIN_BOX and box[1].stop - box[1].start == MIN_BOX
+    assert box[2] == slice(0, 30), "a thin scan: the whole of its axis"
+
+
+def test_the_box_of_a_large_prior_is_a_multiple_of_the_divisor() -> None:
+    prior = torch.zeros(200, 60, 60)
+    prior[20:150, 5:50, 5:50] = 0.6
+    box = _box(prior, (8, 8, 8), 8)
+    assert (box[0].stop - box[0].start) % 8 == 0 and box[0].start <= 12 and box[0].stop >= 158
+    assert box[1] == slice(0, 60) and box[2] == slice(0, 60)
+
+
+def test_refine_prior_answers_on_the_box(refiner: Refiner) -> None:
+    image = torch.randn(60, 50, 20)
+    prior = torch.zeros(60, 50, 20)
+    prior[20:30, 20:30, 5:10] = 1.0
+    logits, box = refine_prior(refiner, image, prior, (3.0, 3.0, 3.0))
+    assert logits.shape == image[box].shape and logits.dtype == torch.float32
+    assert REFINER_MARGIN_MM / 3.0 == 8  # the margin in voxels the box test above uses
+    blind, same = refine_prior(refiner, image, prior, (3.0, 3.0, 3.0), blind=True)
+    assert same == box and not torch.equal(blind, logits), "the carried channel reaches the output"
+
+
+def test_refine_prior_is_independent_of_the_scan_s_intensity_scale(refiner: Refiner) -> None:
+    image, prior = torch.randn(24, 24, 24), torch.zeros(24, 24, 24)
+    prior[8:16, 8:16, 8:16] = 1.0
+    a, _ = refine_prior(refiner, image, prior, (3.0, 3.0, 3.0))
+    b, _ = refine_prior(refiner, 100.0 * image + 7.0, prior, (3.0, 3.0, 3.0))
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "image, prior, match",
+    [
+        (torch.zeros(8, 8, 8), torch.zeros(8, 8, 8), "empty"),
+        (torch.zeros(8, 8, 8), torch.ones(8, 8, 4), "one shape"),
+        (torch.zeros(1, 8, 8, 8), torch.ones(1, 8, 8, 8), r"\(X, Y, Z\)"),
+    ],
+)
+def test_refine_prior_rejects_bad_input(refiner: Refiner, image, prior, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        refine_prior(refiner, image, prior, (3.0, 3.0, 3.0))
+
+
+def test_a_saved_refiner_loads_with_its_weights_and_record(refiner: Refiner, tmp_path: Path) -> None:
+    with torch.no_grad():
+        for p in refiner.parameters():
+            p.add_(0.1)
+    path = save_refiner(refiner, tmp_path / "refiner", {"command": "medmeta benchmark incontext --save x"})
+    assert path.suffix == ".safetensors"
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["format"] == "medmeta-refiner" and meta["features"] == [4, 8] and "command" in meta
+    loaded = load_refiner(path.with_suffix(".json"))
+    assert not loaded.training
+    for (name, a), (_, b) in zip(refiner.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_refiner_file_is_not_a_backbone_and_a_tampered_one_is_refused(
+    refiner: Refiner, tmp_path: Path
+) -> None:
+    path = save_refiner(refiner, tmp_path / "refiner")
+    with pytest.raises(ValueError, match="expected format 'medmeta-backbone'"):
+        load_backbone(path)
+    path.write_bytes(path.read_bytes()[:-4] + b"0000")
+    with pytest.raises(ValueError, match="checksum"):
+        load_refiner(path)
