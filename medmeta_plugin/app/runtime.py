@@ -192,7 +192,10 @@ class MedMetaRuntime:
 
     # ----- status ------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        """Adapters served, worker queue and the last outcome per task (for ``/info/`` and train stats), and
+        """How structures are answered (``answer``: ``registered``, ``refined`` or ``network``, the
+        :data:`~medmeta_plugin.app.segmenting.FOUND_BY` a labelled structure's answer has when its placement
+        is sure), adapters served, worker queue and the last outcome per task (for ``/info/`` and train
+        stats), and
         the placement threshold with the last placement outcomes (``Engine.placements``: at most
         :data:`~medmeta_plugin.app.priors.RECENT_PLACEMENTS` pairs of scans)."""
         tasks = self.engine.tasks()
@@ -200,6 +203,11 @@ class MedMetaRuntime:
             "backbone": str(self.engine.backbone_path.name),
             "device": str(self.engine.device),
             "mode": self.config.mode,
+            # How a structure with labelled scans is answered: their carried masks (atlas), moved by the
+            # in-context refiner (incontext), or the adapted head alone (neither).
+            "answer": "refined"
+            if self.config.atlas and self.config.incontext
+            else ("registered" if self.config.atlas else "network"),
             "adapters": {
                 name: {"kind": t.info.kind, "mode": t.info.mode, "version": self.engine.versions().get(name)}
                 for name, t in tasks.items()

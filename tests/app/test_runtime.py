@@ -73,3 +73,14 @@ def test_inference_slots_bound_how_many_inferences_compute_at_once(
         t.join()
     assert most[0] == 2, "never more than concurrent_inferences at once"
     assert max(waits) >= 0.35, "the later requests waited their turn"
+
+
+def test_status_says_how_structures_are_answered(tmp_path: Path, studies: dict, tiny_backbone: Path) -> None:
+    datastore = MedMetaDatastore(str(studies["studies"]), extensions=["*.nii.gz"])
+    cases = (({}, "registered"), ({"incontext": "true"}, "refined"), ({"atlas": "false"}, "network"))
+    for conf, answer in cases:  # incontext: the shipped refiner
+        runtime = MedMetaRuntime(parse_conf(app_conf(tiny_backbone, **conf)), tmp_path / answer, datastore)
+        try:
+            assert runtime.status()["answer"] == answer
+        finally:
+            runtime.worker.stop()
