@@ -49,6 +49,7 @@ from medmeta_plugin.episodes.carried import CarryConfig, simulate_carry
 from medmeta_plugin.episodes.splits import ABDOMEN_DEV, BRAIN_DEV, is_held_out
 from medmeta_plugin.networks import Refiner, refine_prior
 from medmeta_plugin.networks.objectives import task_loss
+from medmeta_plugin.networks.refiner import CARRIED_FLOOR
 from medmeta_plugin.registration import register
 from medmeta_plugin.registration.warp import warp_to
 
@@ -274,7 +275,7 @@ def refine(
     (the scan alone, in the same box).
     """
     out = np.zeros(image.shape, bool)
-    if not (carried > 0.05).any():
+    if not (carried > CARRIED_FLOOR).any():
         return out
     logits, box = refine_prior(
         model, torch.from_numpy(image), torch.from_numpy(carried), (spacing_mm,) * 3, blind=blind
@@ -337,6 +338,7 @@ def run_incontext(
         model, log = refiner.eval(), []
     trained_s = time.perf_counter() - start
     scored = list(ABDOMEN_DEV) + list(BRAIN_DEV)
+    trained_on = {name: training_structures(c) for name, c in cases.items()}
     rows = []
     for support, query in pairs:
         rows += score_pair(model, cases[support], cases[query], scored)
@@ -344,8 +346,8 @@ def run_incontext(
         "benchmark": "incontext",
         "config": asdict(config),
         "device": f"cpu: {platform.machine()}, {torch.get_num_threads()} torch threads",
-        "training": {name: len(training_structures(c)) for name, c in cases.items()},
-        "training_structures": {name: training_structures(c) for name, c in cases.items()},
+        "training": {name: len(names) for name, names in trained_on.items()},
+        "training_structures": trained_on,
         "log": log,
         "rows": rows,
         "summary": summarise(rows),

@@ -22,11 +22,14 @@ from torch import nn
 from medmeta_plugin.networks.backbone import Backbone3D, BackboneConfig
 from medmeta_plugin.transforms import pad_to_multiple
 
-__all__ = ["REFINER_MARGIN_MM", "Refiner", "refine_prior"]
+__all__ = ["CARRIED_FLOOR", "REFINER_MARGIN_MM", "Refiner", "refine_prior"]
 
 #: How far around the carried prior the refiner looks (mm): the training carries move a boundary by up to
 #: 12 mm of shift and 9 mm of warp (:class:`~medmeta_plugin.episodes.carried.CarryConfig`).
 REFINER_MARGIN_MM = 24.0
+#: A carried prior above this marks where the structure may be: the box is drawn around it, and a prior with
+#: none of it is empty (nothing to refine).
+CARRIED_FLOOR = 0.05
 # The smallest box edge (voxels), the training crops' edge: instance normalisation sees a context like theirs.
 MIN_BOX = 48
 
@@ -54,9 +57,10 @@ class Refiner(nn.Module):
 
 
 def _box(prior: torch.Tensor, margin: tuple[int, int, int], divisor: int) -> tuple[slice, slice, slice]:
-    """The voxels of ``prior`` (X, Y, Z) above 0.05, grown by ``margin`` voxels per axis, at least
-    :data:`MIN_BOX` and a multiple of ``divisor`` per axis where the scan allows, clipped to the scan."""
-    where = (prior > 0.05).nonzero()
+    """The voxels of ``prior`` (X, Y, Z) above :data:`CARRIED_FLOOR`, grown by ``margin`` voxels per axis,
+    at least :data:`MIN_BOX` and a multiple of ``divisor`` per axis where the scan allows, clipped to the
+    scan."""
+    where = (prior > CARRIED_FLOOR).nonzero()
     if where.numel() == 0:
         raise ValueError("the carried prior is empty: there is nothing to refine.")
     box = []

@@ -78,6 +78,26 @@ def _write_pair(weights_path: Path, tensors: dict[str, torch.Tensor], meta: dict
         raise
 
 
+def _save(
+    module: torch.nn.Module,
+    weights_path: Path,
+    file_format: str,
+    record: dict[str, Any],
+    extra: dict[str, Any] | None,
+) -> Path:
+    """Write ``module``'s tensors and its JSON record (format, version, ``record``, creation time, then
+    ``extra``) as a pair; the path of the ``.safetensors`` file."""
+    meta = {
+        "format": file_format,
+        "format_version": FORMAT_VERSION,
+        **record,
+        "created": _now(),
+        **(extra or {}),
+    }
+    _write_pair(weights_path, _tensors(module), meta)
+    return weights_path
+
+
 def _read_pair(
     path: str | Path, expected_format: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
@@ -132,17 +152,8 @@ def save_backbone(backbone: Backbone3D, path: str | Path, extra: dict[str, Any] 
     Returns:
         The path of the ``.safetensors`` file.
     """
-    weights_path = Path(path).with_suffix(".safetensors")
-    meta = {
-        "format": BACKBONE_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "config": backbone.config.to_dict(),
-        "backbone_hash": backbone_hash(backbone),
-        "created": _now(),
-        **(extra or {}),
-    }
-    _write_pair(weights_path, _tensors(backbone), meta)
-    return weights_path
+    record = {"config": backbone.config.to_dict(), "backbone_hash": backbone_hash(backbone)}
+    return _save(backbone, Path(path).with_suffix(".safetensors"), BACKBONE_FORMAT, record, extra)
 
 
 def load_backbone(path: str | Path) -> Backbone3D:
@@ -168,16 +179,8 @@ def save_refiner(refiner: Refiner, path: str | Path, extra: dict[str, Any] | Non
     Returns:
         The path of the ``.safetensors`` file.
     """
-    weights_path = Path(path).with_suffix(".safetensors")
-    meta = {
-        "format": REFINER_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "features": list(refiner.backbone.config.features),
-        "created": _now(),
-        **(extra or {}),
-    }
-    _write_pair(weights_path, _tensors(refiner), meta)
-    return weights_path
+    record = {"features": list(refiner.backbone.config.features)}
+    return _save(refiner, Path(path).with_suffix(".safetensors"), REFINER_FORMAT, record, extra)
 
 
 def load_refiner(path: str | Path) -> Refiner:
@@ -218,9 +221,7 @@ def save_adapter(
     """
     adapter = model.task(task)
     info = adapter.info
-    meta = {
-        "format": ADAPTER_FORMAT,
-        "format_version": FORMAT_VERSION,
+    record = {
         "task": info.name,
         "kind": info.kind,
         "mode": info.mode,
@@ -229,13 +230,10 @@ def save_adapter(
         "head": info.head,
         "backbone_hash": backbone_hash(model.backbone),
         "shots": shots,
-        "created": _now(),
-        **(extra or {}),
     }
     validate_name(task, "task name")
     weights_path = Path(folder) / f"{validate_name(stem or task, 'file stem')}.safetensors"
-    _write_pair(weights_path, _tensors(adapter), meta)
-    return weights_path
+    return _save(adapter, weights_path, ADAPTER_FORMAT, record, extra)
 
 
 def load_adapter(model: MetaModel, path: str | Path, allow_backbone_mismatch: bool = False) -> TaskAdapter:
