@@ -55,6 +55,24 @@ class Engine:
         self._serving = Serving(config, model_dir, self._features)
         self._segmenter = Segmenter(self._serving, self._features, self._atlas)
 
+    def share_registrations(self, other: Engine) -> None:
+        """Register pairs of scans through ``other``'s registration cache from now on: engines of one process
+        that differ only downstream of registration (a benchmark comparing the atlas answer with the
+        in-context refiner's) then register each pair of files once, not once each.
+
+        Raises:
+            ValueError: if the two engines register differently (transform or placement settings).
+        """
+        if (self.config.registration, self._atlas.placement) != (
+            other.config.registration,
+            other._atlas.placement,
+        ):
+            raise ValueError(
+                f"engines that register differently cannot share registrations: {self.config.registration!r}"
+                f" vs {other.config.registration!r}."
+            )
+        self._atlas.registrations = other._atlas.registrations
+
     # ----- serving ------------------------------------------------------------------------------------------
     @property
     def model(self) -> MetaModel:

@@ -396,7 +396,7 @@ def _run(config: BenchmarkConfig, device: torch.device) -> dict[str, Any]:
 class _Pipelines:
     """The app's pipeline, one :class:`~medmeta_plugin.benchmarks.served.ServedPipeline` per setting a run
     needs (backbone family, head, atlas prior, refine, in-context refiner), each with the run's registration
-    and precision."""
+    and precision; all of them use the first one's scan files and registrations (one per pair of scans)."""
 
     def __init__(self, config: BenchmarkConfig) -> None:
         self.config = config
@@ -419,7 +419,8 @@ class _Pipelines:
                 "precision": c.precision,
                 "adapt_steps": str(c.head_steps),
             }
-            self.made[key] = ServedPipeline(conf=conf)
+            first = next(iter(self.made.values()), None)
+            self.made[key] = ServedPipeline(conf=conf, share=first)
         return self.made[key]
 
 

@@ -52,9 +52,21 @@ class ServedPipeline:
     Args:
         work: folder for the files and the engine's adapter store (a temporary one when None).
         conf: app settings, as ``--conf`` strings (the app's defaults when None).
+        share: another pipeline of the run whose scan files and registrations this one uses (each pair of
+            scans is then registered once for both, as one server registers it once for all its
+            structures); None for files and registrations of its own.
+
+    Raises:
+        ValueError: if ``share`` registers differently (:meth:`Engine.share_registrations
+            <medmeta_plugin.app.engine.Engine.share_registrations>`).
     """
 
-    def __init__(self, work: str | Path | None = None, conf: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        work: str | Path | None = None,
+        conf: dict[str, str] | None = None,
+        share: ServedPipeline | None = None,
+    ) -> None:
         self._tmp = None if work is not None else tempfile.TemporaryDirectory(prefix="medmeta-served-")
         self.work = Path(work if work is not None else self._tmp.name)
         (self.work / "scans").mkdir(parents=True, exist_ok=True)
@@ -62,6 +74,10 @@ class ServedPipeline:
         # Keyed by the id of an item's image tensor; the item is kept so the id is not reused meanwhile.
         self._files: dict[int, tuple[Item, str]] = {}
         self._labels: dict[tuple[int, str], str] = {}
+        if share is not None:
+            self.engine.share_registrations(share.engine)
+            self._files, self._labels = share._files, share._labels  # the same files: the same cache keys
+        self._share = share  # its folder holds files of ours
 
     def scan(self, item: Item) -> str:
         """The NIfTI file of an episode item's scan (written on first use), at its ``affine``; an item

@@ -16,11 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from medmeta_plugin.benchmarks.served import ServedPipeline
 from medmeta_plugin.io import read_image, read_label
+from medmeta_plugin.networks import Backbone3D, save_backbone
 from medmeta_plugin.paths import SAMPLE_DATA
 from medmeta_plugin.registration import deterministic_registration
+from tests.app.conftest import GEOMETRIES, app_conf, phantom
+from tests.conftest import TINY
 
 # (structure, its value in the support case's label map, support case, query case)
 PAIRS = [
@@ -97,3 +101,30 @@ def test_a_phantom_without_geometry_is_written_on_the_working_grid(tmp_path: Pat
     assert served.scan(item) == served.scan(item)  # written once, by case
     written, _ = read_image(served.scan(item))
     assert written.shape == (1, 8, 8, 8)
+
+
+def _phantom_item(seed: int) -> dict:
+    meta = GEOMETRIES["ras"]
+    image, label = phantom(meta, seed)
+    return {"image": image, "label": (label == 1).astype(np.float32), "affine": meta.affine}
+
+
+def test_pipelines_of_one_run_register_each_pair_of_scans_once(tmp_path: Path) -> None:
+    """The benchmark's atlas and incontext answers differ only after registration: one registration a pair."""
+    torch.manual_seed(0)
+    save_backbone(Backbone3D(TINY), tmp_path / "tiny.safetensors")
+    conf = app_conf(tmp_path / "tiny.safetensors")
+    first = ServedPipeline(tmp_path / "first", conf=conf)
+    second = ServedPipeline(tmp_path / "second", conf={**conf, "adapt_steps": "5"}, share=first)
+    calls = []
+    registrations = first.engine._atlas.registrations
+    real = registrations.register
+    registrations.register = lambda *args: calls.append(1) or real(*args)
+    support, query = _phantom_item(1), _phantom_item(2)
+    a = first.answer("ball", [support], [query])
+    b = second.answer("ball", [support], [query])
+    assert len(calls) == 1, "the second pipeline used the first one's registration"
+    assert second.scan(query) == first.scan(query)  # the same files, so the same cache keys
+    np.testing.assert_array_equal(a[0].mask, b[0].mask)
+    with pytest.raises(ValueError, match="register differently"):
+        ServedPipeline(tmp_path / "third", conf={**conf, "registration": "rigid"}, share=first)
