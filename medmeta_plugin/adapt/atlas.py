@@ -147,10 +147,13 @@ class CarriedPrior:
             [0, 1], by the carried masks of the used cases; None when no case was used (every placement
             unsure or failed).
         cases: one record per support case, in the order given.
+        images: with ``carry_images``, each used case's scan carried onto the query grid like its mask,
+            shape (X, Y, Z) each, float32 (0 outside the support scan); else empty.
     """
 
     prior: np.ndarray | None
     cases: tuple[CarriedCase, ...]
+    images: tuple[np.ndarray, ...] = field(default=(), repr=False)
 
     @property
     def used(self) -> int:
@@ -220,6 +223,7 @@ def atlas_prior(
     cache: RegistrationCache | None = None,
     *,
     require_sure: bool = True,
+    carry_images: bool = False,
 ) -> CarriedPrior:
     """The probability that each query voxel lies in the structure, by the registered support masks.
 
@@ -230,6 +234,8 @@ def atlas_prior(
         cache: registrations already computed (a fresh one when None).
         require_sure: carry only the cases whose placement is sure (the module docstring says why); False
             carries every case that registered (to measure what the check costs or saves).
+        carry_images: carry each used case's scan too (:attr:`CarriedPrior.images`), to compare it with the
+            query where the structure is.
 
     Returns:
         :class:`CarriedPrior`: the prior, shape (X, Y, Z), float32 in [0, 1], or None when no case was
@@ -243,7 +249,7 @@ def atlas_prior(
         raise ValueError("atlas_prior needs at least one labelled support case.")
     cache = cache or RegistrationCache()
     shape = tuple(int(s) for s in np.shape(query))
-    carried, records = [], []
+    carried, images, records = [], [], []
     for case in cases:
         try:
             registration = cache.get(query_key, query, query_affine, case)
@@ -264,16 +270,9 @@ def atlas_prior(
             )
         )
         if use:
-            carried.append(
-                warp_to(
-                    case.mask.astype(np.float32),
-                    case.affine,
-                    shape,
-                    query_affine,
-                    registration.matrix,
-                    registration.bspline,
-                )
-            )
+            for volume, into in ((case.mask, carried), (case.image, images))[: 1 + carry_images]:
+                m, b = registration.matrix, registration.bspline
+                into.append(warp_to(volume.astype(np.float32), case.affine, shape, query_affine, m, b))
     if not carried:
         return CarriedPrior(None, tuple(records))
     prior = np.mean(carried, axis=0)
@@ -285,7 +284,7 @@ def atlas_prior(
         level = float(np.partition(prior.ravel(), prior.size - volume)[prior.size - volume])
         if 0 < level < 0.5:
             prior = prior * (0.5 / level)
-    return CarriedPrior(np.clip(prior, 0.0, 1.0).astype(np.float32), tuple(records))
+    return CarriedPrior(np.clip(prior, 0.0, 1.0).astype(np.float32), tuple(records), tuple(images))
 
 
 def prior_logits(prior: np.ndarray, affine: np.ndarray) -> np.ndarray:

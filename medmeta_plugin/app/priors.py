@@ -102,12 +102,20 @@ class AtlasPriors:
 
         return self._labels.get((file_key(path), file_key(image)), load)
 
-    def prior(self, query: str, volume: WorkingVolume, examples: Sequence[dict[str, Any]]) -> StructurePrior:
+    def prior(
+        self,
+        query: str,
+        volume: WorkingVolume,
+        examples: Sequence[dict[str, Any]],
+        carry_images: bool = False,
+    ) -> StructurePrior:
         """The structure's prior on a scan's working grid, from the labelled scans placed sure on it.
 
         Args:
             query: the scan's image path; volume: the scan on the working grid.
             examples: the structure's stored examples, ``{"image", "label", "value"}`` each.
+            carry_images: carry the labelled scans' images too (:attr:`~medmeta_plugin.adapt.atlas.
+                CarriedPrior.images`).
 
         Returns:
             :class:`StructurePrior`: the prior and its distance log-odds (None when no labelled scan was
@@ -139,7 +147,9 @@ class AtlasPriors:
             prior = torch.stack(own).mean(0).numpy()
             distance = prior_logits(prior, affine)
             return StructurePrior(torch.from_numpy(prior), torch.from_numpy(distance), True, supports, None)
-        carried = atlas_prior(query_key, _array(volume), affine, cases, self.registrations)
+        carried = atlas_prior(
+            query_key, _array(volume), affine, cases, self.registrations, carry_images=carry_images
+        )
         self._remember(query_key, query, carried, images)
         if carried.prior is None:
             return StructurePrior(None, None, False, supports, carried)

@@ -204,7 +204,8 @@ class MedMetaRuntime:
             "device": str(self.engine.device),
             "mode": self.config.mode,
             # How a structure with labelled scans is answered: their carried masks (atlas), moved by the
-            # in-context refiner (incontext), or the adapted head alone (neither).
+            # in-context refiner (incontext; kept as carried where they match the scan as a rescan does),
+            # or the adapted head alone (neither).
             "answer": "refined"
             if self.config.atlas and self.config.incontext
             else ("registered" if self.config.atlas else "network"),

@@ -32,6 +32,7 @@ from medmeta_plugin.app.grid import WorkingVolume, to_original_grid
 from medmeta_plugin.app.priors import AtlasPriors, StructurePrior
 from medmeta_plugin.app.serving import Serving
 from medmeta_plugin.networks import BackboneOutput, Refiner, TaskAdapter, load_refiner, refine_prior
+from medmeta_plugin.networks.refiner import KEEP_SIMILARITY, carried_similarity, refiner_box
 
 __all__ = ["FOUND_BY", "Provenance", "Segmentation", "Segmenter", "mask_uncertainty"]
 
@@ -124,11 +125,17 @@ _NETWORK_ALONE = "the adapted network's answer alone"
 
 
 def _placed(
-    carried: CarriedPrior, supports: int, threshold: float, refine: bool, incontext: bool = False
+    carried: CarriedPrior,
+    supports: int,
+    threshold: float,
+    refine: bool,
+    similarity: float | None = None,
 ) -> Provenance:
-    """The provenance of an answer from registered labelled scans (refined by the in-context network when
-    ``incontext``), or of the network standing in for them when none was placed sure (``carried.prior`` is
-    None)."""
+    """The provenance of an answer from registered labelled scans, or of the network standing in for them
+    when none was placed sure (``carried.prior`` is None). With the in-context refiner, ``similarity`` is
+    :func:`~medmeta_plugin.networks.refiner.carried_similarity`: the carried masks are refined below
+    :data:`~medmeta_plugin.networks.refiner.KEEP_SIMILARITY`, kept as carried at or above it."""
+    incontext = similarity is not None and similarity < KEEP_SIMILARITY
     total, sure, best = len(carried.cases), carried.sure, carried.confidence
     unsure = [c for c in carried.cases if not c.sure and c.error is None]
     failed = [c for c in carried.cases if c.error is not None]
@@ -136,7 +143,14 @@ def _placed(
         note = f"registered: carried masks of {sure} of {total} labelled scans placed sure"
         note += "" if best is None else f" (best confidence {best:.2f})"
         note += ", their boundary moved by the adapted head where it agrees" if refine else ""
-        note += ", their boundary moved onto this scan by the in-context refiner" if incontext else ""
+        if similarity is not None:
+            note += (
+                f", their boundary moved onto this scan by the in-context refiner (the labelled scans match"
+                f" this one at {similarity:.2f} < {KEEP_SIMILARITY:g})"
+                if incontext
+                else f", kept as carried: the labelled scans match this one as a rescan of one patient does"
+                f" ({similarity:.2f} >= {KEEP_SIMILARITY:g}), nothing for the in-context refiner to correct"
+            )
         left_out = []
         if unsure:
             values = ", ".join(f"{c.confidence:.2f}" for c in unsure if c.confidence is not None)
@@ -211,7 +225,7 @@ class Segmenter:
             note = f"no labelled scan stored with the adapter: {_NETWORK_ALONE}"
             return None, Provenance("network", 0, None, None, False, note)
         try:
-            served = self._atlas.prior(str(image), volume, stored)
+            served = self._atlas.prior(str(image), volume, stored, carry_images=self._refiner is not None)
         except ValueError as err:
             logger.warning("atlas prior of %r left out on %s: %s", name, image, err)
             note = f"no atlas prior ({err}): {_NETWORK_ALONE}"
@@ -219,8 +233,13 @@ class Segmenter:
         if served.own:
             return served, Provenance("label", served.supports, None, None, True, "the scan's own label")
         threshold = self._atlas.placement.threshold
-        incontext = self._refiner is not None
-        found = _placed(served.carried, served.supports, threshold, self.config.refine, incontext)
+        similarity = None
+        if self._refiner is not None and served.prior is not None:
+            scan = volume.crop(volume.image)[0, 0]
+            box = refiner_box(served.prior, self.config.spacing, self._refiner.divisor)
+            carried = tuple(torch.from_numpy(i) for i in served.carried.images)
+            similarity = carried_similarity(scan, carried, box)
+        found = _placed(served.carried, served.supports, threshold, self.config.refine, similarity)
         return (served if served.prior is not None else None), found
 
     def _segmentation_logits(
@@ -250,7 +269,7 @@ class Segmenter:
         prior, distance = served.prior, served.distance
         if served.own:  # on a scan it was labelled on, a structure is its label
             return torch.where(prior >= 0.5, PRIOR_CAP, -PRIOR_CAP), found
-        if self._refiner is not None:
+        if found.found_by == "refined":
             t0 = time.perf_counter()
             image = volume.crop(volume.image)[0, 0]
             logits, box = refine_prior(self._refiner, image, prior, self.config.spacing)

@@ -20,7 +20,9 @@ the real pairs of the project at all:
    onto the query, its mask warped over. Three answers per structure: the carried mask alone (what the app
    serves), the refiner with it, and the refiner with an empty carried channel in the same box (the scan
    alone). The refiner runs as the app runs it (:func:`~medmeta_plugin.networks.refine_prior`): on the box
-   around the carried prior.
+   around the carried prior. Beside them, the carried scan's correlation with the query on that box
+   (:func:`~medmeta_plugin.networks.refiner.carried_similarity`) and what the app serves with it: the
+   refined mask below :data:`~medmeta_plugin.networks.refiner.KEEP_SIMILARITY`, the carried one above.
 
 ``medmeta benchmark incontext``; figures and the decision they support: docs/benchmarks/incontext.md.
 """
@@ -49,7 +51,7 @@ from medmeta_plugin.episodes.carried import CarryConfig, simulate_carry
 from medmeta_plugin.episodes.splits import ABDOMEN_DEV, BRAIN_DEV, is_held_out
 from medmeta_plugin.networks import Refiner, refine_prior
 from medmeta_plugin.networks.objectives import task_loss
-from medmeta_plugin.networks.refiner import CARRIED_FLOOR
+from medmeta_plugin.networks.refiner import CARRIED_FLOOR, KEEP_SIMILARITY, carried_similarity, refiner_box
 from medmeta_plugin.registration import register
 from medmeta_plugin.registration.warp import warp_to
 
@@ -284,6 +286,17 @@ def refine(
     return out
 
 
+def _similarity(
+    model: Refiner, query: ScanCase, carried_image: np.ndarray, carried: np.ndarray, spacing_mm: float
+) -> float | None:
+    """:func:`~medmeta_plugin.networks.refiner.carried_similarity` on the refiner's box, as the app reads it
+    (None for an empty carried mask)."""
+    if not (carried > CARRIED_FLOOR).any():
+        return None
+    box = refiner_box(torch.from_numpy(carried), (spacing_mm,) * 3, model.divisor)
+    return carried_similarity(torch.from_numpy(query.image), (torch.from_numpy(carried_image),), box)
+
+
 def score_pair(
     model: Refiner, support: ScanCase, query: ScanCase, structures: Sequence[str]
 ) -> list[dict[str, Any]]:
@@ -291,6 +304,9 @@ def score_pair(
     registration = register(query.image, query.affine, support.image, support.affine)
     placement = registration.placement
     spacing = float(np.linalg.norm(query.affine[:3, 0]))
+    carried_image = warp_to(
+        support.image, support.affine, query.image.shape, query.affine, registration.matrix
+    )
     rows = []
     for name in structures:
         if name not in support.structures or name not in query.structures:
@@ -300,6 +316,9 @@ def score_pair(
             continue
         mask = support.mask(name).astype(np.float32)
         carried = warp_to(mask, support.affine, query.image.shape, query.affine, registration.matrix)
+        refined = refine(model, query.image, carried, spacing)
+        similarity = _similarity(model, query, carried_image, carried, spacing)
+        kept = similarity is not None and similarity >= KEEP_SIMILARITY  # the app keeps the carried mask
         rows.append(
             {
                 "pair": f"{support.name}->{query.name}",
@@ -307,7 +326,9 @@ def score_pair(
                 "sure": registration.sure,
                 "confidence": None if placement is None else round(float(placement.confidence), 3),
                 "carried": round(mask_dice(carried >= 0.5, truth), 4),
-                "refined": round(mask_dice(refine(model, query.image, carried, spacing), truth), 4),
+                "refined": round(mask_dice(refined, truth), 4),
+                "similarity": None if similarity is None else round(similarity, 3),
+                "served": round(mask_dice(carried >= 0.5 if kept else refined, truth), 4),
                 "scan_alone": round(mask_dice(refine(model, query.image, carried, spacing, True), truth), 4),
             }
         )
@@ -356,7 +377,7 @@ def run_incontext(
     }, model
 
 
-_ANSWERS = ("carried", "refined", "scan_alone")
+_ANSWERS = ("carried", "refined", "served", "scan_alone")
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -381,20 +402,24 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def format_incontext(results: dict[str, Any]) -> str:
     """Markdown: the per-structure table and the summary per pair."""
-    lines = ["| pair | structure | carried | refined | scan alone |", "|---|---|---|---|---|"]
-    for r in results["rows"]:
-        scores = " | ".join(f"{r[m]:.3f}" for m in _ANSWERS)
-        lines.append(f"| {r['pair']} | {r['structure']} | {scores} |")
-    lines += [
-        "",
-        "| pair | structures | carried | refined | scan alone | helps | hurts |",
+    lines = [
+        "| pair | structure | carried | refined | similarity | served | scan alone |",
         "|---|---|---|---|---|---|---|",
     ]
-    for key, s in results["summary"].items():
+    for r in results["rows"]:
+        similarity = "-" if r.get("similarity") is None else f"{r['similarity']:.3f}"
         lines.append(
-            f"| {key} | {s['structures']} | {s['carried']:.3f} | {s['refined']:.3f} | {s['scan_alone']:.3f} "
-            f"| {s['helps']} | {s['hurts']} |"
+            f"| {r['pair']} | {r['structure']} | {r['carried']:.3f} | {r['refined']:.3f} | {similarity} "
+            f"| {r['served']:.3f} | {r['scan_alone']:.3f} |"
         )
+    lines += [
+        "",
+        "| pair | structures | carried | refined | served | scan alone | helps | hurts |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, s in results["summary"].items():
+        scores = " | ".join(f"{s[m]:.3f}" for m in _ANSWERS)
+        lines.append(f"| {key} | {s['structures']} | {scores} | {s['helps']} | {s['hurts']} |")
     return "\n".join(lines)
 
 

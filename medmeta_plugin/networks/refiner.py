@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 from medmeta_plugin.networks.backbone import Backbone3D, BackboneConfig
 from medmeta_plugin.transforms import pad_to_multiple
 
-__all__ = ["CARRIED_FLOOR", "REFINER_MARGIN_MM", "Refiner", "refine_prior"]
+__all__ = [
+    "CARRIED_FLOOR",
+    "KEEP_SIMILARITY",
+    "REFINER_MARGIN_MM",
+    "Refiner",
+    "carried_similarity",
+    "refine_prior",
+    "refiner_box",
+]
 
 #: How far around the carried prior the refiner looks (mm): the training carries move a boundary by up to
 #: 12 mm of shift and 9 mm of warp (:class:`~medmeta_plugin.episodes.carried.CarryConfig`).
@@ -32,6 +41,12 @@ REFINER_MARGIN_MM = 24.0
 CARRIED_FLOOR = 0.05
 # The smallest box edge (voxels), the training crops' edge: instance normalisation sees a context like theirs.
 MIN_BOX = 48
+#: A carried scan that correlates with the query this well on the refiner's box (:func:`carried_similarity`)
+#: matches it as a rescan of one patient does: the carried mask is kept, not refined. The refiner learned to
+#: correct the misalignment between two anatomies; where there is none it can only add its own error. Read
+#: on development structures: deformed, re-contrasted copies of one brain correlate at 0.95-0.997, the two
+#: brain templates (two subjects) at 0.75-0.88, CT onto MR below 0.12 (docs/BENCHMARKS.md).
+KEEP_SIMILARITY = 0.92
 
 
 class Refiner(nn.Module):
@@ -74,6 +89,46 @@ def _box(prior: torch.Tensor, margin: tuple[int, int, int], divisor: int) -> tup
     return box[0], box[1], box[2]
 
 
+def refiner_box(
+    prior: torch.Tensor, spacing_mm: tuple[float, float, float], divisor: int
+) -> tuple[slice, slice, slice]:
+    """Where the refiner runs: the box of ``prior`` (X, Y, Z) above :data:`CARRIED_FLOOR` and
+    :data:`REFINER_MARGIN_MM` around it, at least :data:`MIN_BOX` voxels an edge and a multiple of
+    ``divisor`` where the scan allows.
+
+    Raises:
+        ValueError: if the prior is empty.
+    """
+    margin = tuple(math.ceil(REFINER_MARGIN_MM / s) for s in spacing_mm)
+    return _box(prior, margin, divisor)  # type: ignore[arg-type]
+
+
+def carried_similarity(
+    image: torch.Tensor, carried_images: tuple[torch.Tensor, ...], box: tuple[slice, slice, slice]
+) -> float | None:
+    """How closely the labelled scans, carried onto the query, match it where the structure is: the mean
+    over scans of their Pearson correlation with ``image`` on ``box``.
+
+    Args:
+        image: the query on its working grid, shape (X, Y, Z); carried_images: each labelled scan carried
+            onto that grid (:attr:`~medmeta_plugin.adapt.atlas.CarriedPrior.images`), the same shape.
+        box: the region compared (:func:`refiner_box`).
+
+    Returns:
+        The correlation in [-1, 1]; None without carried images.
+    """
+    if not carried_images:
+        return None
+    query = image[box].float().flatten()
+    query = (query - query.mean()) / (query.std(correction=0) + 1e-6)
+    values = []
+    for carried in carried_images:
+        other = carried[box].float().flatten()
+        other = (other - other.mean()) / (other.std(correction=0) + 1e-6)
+        values.append(float((query * other).mean()))
+    return float(np.mean(values))
+
+
 @torch.no_grad()
 def refine_prior(
     model: Refiner,
@@ -100,8 +155,7 @@ def refine_prior(
     """
     if image.shape != prior.shape or image.dim() != 3:
         raise ValueError(f"image and prior must be (X, Y, Z) of one shape, got {image.shape}, {prior.shape}.")
-    margin = tuple(math.ceil(REFINER_MARGIN_MM / s) for s in spacing_mm)
-    box = _box(prior, margin, model.divisor)  # type: ignore[arg-type]
+    box = refiner_box(prior, spacing_mm, model.divisor)
     crop = image[box].float()
     crop = (crop - crop.mean()) / (crop.std() + 1e-6)  # as the training crops are
     carried = torch.zeros_like(crop) if blind else prior[box].float()

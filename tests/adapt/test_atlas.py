@@ -98,6 +98,17 @@ def test_only_cases_placed_sure_are_carried(outcomes: list, used: list[int]) -> 
             np.testing.assert_allclose(result.prior, cases[used[0]].mask, atol=1e-6)
 
 
+def test_with_carry_images_each_used_case_s_scan_is_carried_like_its_mask() -> None:
+    cases = _slab_cases(3)
+    cache = RegistrationCache(_scripted([(True, 0.9), (False, 0.2), (True, 0.8)]))
+    query = np.zeros((16, 16, 16))
+    carried = atlas_prior("query", query, np.eye(4), cases, cache, carry_images=True)
+    assert len(carried.images) == 2  # the two sure cases, in order; identity registrations
+    for image, i in zip(carried.images, (0, 2)):
+        np.testing.assert_allclose(image, cases[i].image, atol=1e-5)
+    assert atlas_prior("query", query, np.eye(4), cases, cache).images == ()
+
+
 def test_without_require_sure_every_registered_case_is_carried() -> None:
     cases = _slab_cases(2)
     cache = RegistrationCache(_scripted([(False, 0.2), (True, 0.9)]))

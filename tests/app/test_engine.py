@@ -20,7 +20,7 @@ from medmeta_plugin.networks import Refiner, TaskAdapter, save_refiner
 from medmeta_plugin.networks.heads import POSITION_HIDDEN
 from medmeta_plugin.networks.position import POSITION_CHANNELS
 from medmeta_plugin.registration import Placement, PlacementConfig, Registration
-from tests.app.conftest import app_conf
+from tests.app.conftest import GEOMETRIES, app_conf, phantom
 
 
 @pytest.fixture
@@ -386,6 +386,29 @@ def test_the_in_context_refiner_answers_on_the_box_of_the_carried_mask_and_says_
     # Its own label is still the answer on the scan it was labelled on.
     own = engine.segment(image_a).provenance["ball"]
     assert own.found_by == "label"
+
+
+def test_a_rescan_of_the_labelled_scan_keeps_the_carried_mask_and_says_why(
+    tmp_path: Path, tiny_backbone: Path
+) -> None:
+    """The carried scan matches the query as a rescan does: nothing for the refiner to correct."""
+    conf = app_conf(tiny_backbone, incontext="true", refiner=str(_refiner_file(tmp_path, -50.0)))
+    engine = Engine(parse_conf(conf), tmp_path / "model")
+    meta = GEOMETRIES["ras"]
+    _, label = phantom(meta, 1)
+    rng = np.random.default_rng(0)
+    files = {}
+    for name in ("scan", "rescan"):  # one anatomy scanned twice: the same structures, fresh faint noise
+        image = 2.0 * (label == 1) - 1.5 * (label == 2) + rng.normal(0.0, 0.02, label.shape)
+        files[name] = write_image(tmp_path / f"{name}.nii.gz", image.astype(np.float32), meta)
+    labels = write_image(tmp_path / "scan-label.nrrd", label, meta)
+    engine.adapt_task("ball", "segmentation", [Example(str(files["scan"]), str(labels), 1)])
+    result = engine.segment(files["rescan"])
+    found = result.provenance["ball"]
+    assert found.found_by == "registered" and "kept as carried" in found.note and found.sure, found.note
+    assert result.seconds["refiner"] == 0.0
+    # The refiner would have said "not the ball" everywhere; the kept carried mask is the ball.
+    assert _dice(result.labels[0] == 1, label[0] == 1) > 0.8  # the refiner alone: 0
 
 
 def test_refine_and_incontext_are_not_both_on_and_the_refiner_must_exist(

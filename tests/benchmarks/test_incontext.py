@@ -25,6 +25,7 @@ from medmeta_plugin.benchmarks.incontext import (
 from medmeta_plugin.episodes.carried import CarryConfig
 from medmeta_plugin.episodes.splits import ABDOMEN_DEV, ABDOMEN_HELDOUT, BRAIN_DEV
 from medmeta_plugin.networks import Refiner
+from medmeta_plugin.networks.refiner import KEEP_SIMILARITY
 
 
 def _phantom(structures: dict[str, tuple[int, ...]] | None = None) -> ScanCase:
@@ -121,19 +122,24 @@ def test_a_scan_scored_against_itself_carries_its_masks_exactly() -> None:
         assert row["pair"] == "phantom->phantom" and row["sure"] is True
         assert row["carried"] >= 0.9, row
         assert 0.0 <= row["refined"] <= 1.0 and 0.0 <= row["scan_alone"] <= 1.0
+        # The scan carried onto itself matches it: the app keeps the carried mask.
+        assert row["similarity"] >= KEEP_SIMILARITY and row["served"] == row["carried"], row
 
 
 def test_summary_counts_where_the_refiner_helps_and_hurts() -> None:
+    answers = ("carried", "refined", "served", "scan_alone")
     rows = [
-        {"pair": "a->b", "structure": "x", "carried": 0.5, "refined": 0.7, "scan_alone": 0.1},
-        {"pair": "a->b", "structure": "y", "carried": 0.6, "refined": 0.4, "scan_alone": 0.0},
-        {"pair": "b->a", "structure": "x", "carried": 0.3, "refined": 0.305, "scan_alone": 0.2},
+        {"pair": "a->b", "structure": "x", **dict(zip(answers, (0.5, 0.7, 0.7, 0.1)))},
+        {"pair": "a->b", "structure": "y", **dict(zip(answers, (0.6, 0.4, 0.6, 0.0)))},
+        {"pair": "b->a", "structure": "x", **dict(zip(answers, (0.3, 0.305, 0.3, 0.2)))},
     ]
+    rows[1]["similarity"] = 0.97
     summary = summarise(rows)
     assert summary["a->b"] == {
         "structures": 2,
         "carried": 0.55,
         "refined": 0.55,
+        "served": 0.65,
         "scan_alone": 0.05,
         "helps": 1,
         "hurts": 1,
@@ -141,8 +147,9 @@ def test_summary_counts_where_the_refiner_helps_and_hurts() -> None:
     assert summary["b->a"]["helps"] == 0 and summary["b->a"]["hurts"] == 0, "within 0.01: neither"
     assert summary["all"]["structures"] == 3 and summary["all"]["carried"] == pytest.approx(0.4667, abs=1e-4)
     text = format_incontext({"rows": rows, "summary": summary})
-    assert "| a->b | x | 0.500 | 0.700 | 0.100 |" in text
-    assert "| all | 3 | 0.467 | 0.468 | 0.100 | 1 | 1 |" in text
+    assert "| a->b | x | 0.500 | 0.700 | - | 0.700 | 0.100 |" in text
+    assert "| a->b | y | 0.600 | 0.400 | 0.970 | 0.600 | 0.000 |" in text
+    assert "| all | 3 | 0.467 | 0.468 | 0.533 | 0.100 | 1 | 1 |" in text
     assert summarise([]) == {}
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medmeta_plugin.networks import Refiner, load_backbone, load_refiner, refine_prior, save_refiner
-from medmeta_plugin.networks.refiner import MIN_BOX, REFINER_MARGIN_MM, _box
+from medmeta_plugin.networks.refiner import MIN_BOX, REFINER_MARGIN_MM, _box, carried_similarity, refiner_box
 
 
 @pytest.fixture
@@ -52,6 +52,25 @@ def test_refine_prior_answers_on_the_box(refiner: Refiner) -> None:
     assert REFINER_MARGIN_MM / 3.0 == 8  # the margin in voxels the box test above uses
     blind, same = refine_prior(refiner, image, prior, (3.0, 3.0, 3.0), blind=True)
     assert same == box and not torch.equal(blind, logits), "the carried channel reaches the output"
+
+
+def test_carried_similarity_is_the_mean_correlation_on_the_box() -> None:
+    torch.manual_seed(0)
+    image = torch.randn(20, 20, 20)
+    box = (slice(2, 18), slice(2, 18), slice(2, 18))
+    assert carried_similarity(image, (), box) is None
+    assert carried_similarity(image, (3.0 * image + 1.0,), box) == pytest.approx(1.0, abs=1e-5)
+    assert carried_similarity(image, (-image,), box) == pytest.approx(-1.0, abs=1e-5)
+    outside = image.clone()
+    outside[0] = 100.0  # outside the box: not compared
+    assert carried_similarity(image, (outside, -image), box) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_refiner_box_is_the_one_refine_prior_answers_on(refiner: Refiner) -> None:
+    image, prior = torch.randn(60, 50, 20), torch.zeros(60, 50, 20)
+    prior[20:30, 20:30, 5:10] = 1.0
+    _, box = refine_prior(refiner, image, prior, (3.0, 3.0, 3.0))
+    assert refiner_box(prior, (3.0, 3.0, 3.0), refiner.divisor) == box
 
 
 def test_refine_prior_is_independent_of_the_scan_s_intensity_scale(refiner: Refiner) -> None:
