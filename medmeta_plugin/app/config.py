@@ -70,7 +70,9 @@ class AppConfig:
         incontext: move the registered masks' boundary onto the scan's edges with the in-context refiner
             (:mod:`medmeta_plugin.networks.refiner`: a network that reads the scan beside the carried prior,
             trained on structures no benchmark scores), on the box around each carried prior; the answer
-            is then ``found_by: refined``. Not with ``refine``.
+            is then ``found_by: refined``. Where the labelled scans match the scan as a rescan does
+            (:data:`~medmeta_plugin.networks.refiner.KEEP_SIMILARITY`), the carried masks are kept
+            (``registered``). Not with ``refine``.
         refiner: the refiner's weights (``.safetensors`` + ``.json``); default the shipped one.
         registration: the transform that registration fits, ``affine`` (rigid first, then affine: patients
             differ in size), ``bspline`` (then a coarse deformation: organs sit differently in two
