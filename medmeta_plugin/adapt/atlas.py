@@ -176,6 +176,9 @@ class CarriedPrior:
 #: some kB), so a server that has segmented 1,000 scans against 10 labelled ones keeps all 10,000 pairs in
 #: a few MB.
 REGISTRATIONS_KEPT = 10_000
+#: Support scans kept carried onto a query grid (one volume each, a few MB): the pairs of one request and
+#: the one before it.
+CARRIED_IMAGES_KEPT = 8
 
 
 class RegistrationCache:
@@ -193,6 +196,24 @@ class RegistrationCache:
     def __init__(self, register: Callable[..., Registration] = register) -> None:
         self.register = register
         self._cache: BoundedCache[Registration] = BoundedCache(REGISTRATIONS_KEPT, remember_failures=True)
+        self._images: BoundedCache[np.ndarray] = BoundedCache(CARRIED_IMAGES_KEPT)
+
+    def carried_image(
+        self,
+        query_key: Hashable,
+        shape: tuple[int, ...],
+        query_affine: np.ndarray,
+        case: AtlasCase,
+        registration: Registration,
+    ) -> np.ndarray:
+        """``case``'s scan carried onto the query grid (shape ``shape``, float32, 0 outside the support scan)
+        through the pair's ``registration``: once per pair of scans, whatever number of structures asks."""
+
+        def carry() -> np.ndarray:
+            m, b = registration.matrix, registration.bspline
+            return warp_to(case.image.astype(np.float32), case.affine, shape, query_affine, m, b)
+
+        return self._images.get((query_key, case.key), carry)
 
     def get(
         self, query_key: Hashable, query: np.ndarray, query_affine: np.ndarray, case: AtlasCase
@@ -270,9 +291,10 @@ def atlas_prior(
             )
         )
         if use:
-            for volume, into in ((case.mask, carried), (case.image, images))[: 1 + carry_images]:
-                m, b = registration.matrix, registration.bspline
-                into.append(warp_to(volume.astype(np.float32), case.affine, shape, query_affine, m, b))
+            m, b = registration.matrix, registration.bspline
+            carried.append(warp_to(case.mask.astype(np.float32), case.affine, shape, query_affine, m, b))
+            if carry_images:
+                images.append(cache.carried_image(query_key, shape, query_affine, case, registration))
     if not carried:
         return CarriedPrior(None, tuple(records))
     prior = np.mean(carried, axis=0)

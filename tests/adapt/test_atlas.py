@@ -107,6 +107,11 @@ def test_with_carry_images_each_used_case_s_scan_is_carried_like_its_mask() -> N
     for image, i in zip(carried.images, (0, 2)):
         np.testing.assert_allclose(image, cases[i].image, atol=1e-5)
     assert atlas_prior("query", query, np.eye(4), cases, cache).images == ()
+    # Another structure labelled on the same scans: their scans are carried once per pair, not again.
+    again = atlas_prior("query", query, np.eye(4), cases, cache, carry_images=True)
+    assert all(a is b for a, b in zip(again.images, carried.images))
+    other = atlas_prior("other query", query, np.eye(4), cases, cache, carry_images=True)
+    assert not any(a is b for a, b in zip(other.images, carried.images))
 
 
 def test_without_require_sure_every_registered_case_is_carried() -> None:
