@@ -32,7 +32,7 @@ from medmeta_plugin.app.grid import WorkingVolume, to_original_grid
 from medmeta_plugin.app.priors import AtlasPriors, StructurePrior
 from medmeta_plugin.app.serving import Serving
 from medmeta_plugin.networks import BackboneOutput, Refiner, TaskAdapter, load_refiner, refine_prior
-from medmeta_plugin.networks.refiner import KEEP_SIMILARITY, carried_similarity, refiner_box
+from medmeta_plugin.networks.refiner import KEEP_SIMILARITY, carried_similarity, keeps_carried, refiner_box
 
 __all__ = ["FOUND_BY", "Provenance", "Segmentation", "Segmenter", "mask_uncertainty"]
 
@@ -135,7 +135,7 @@ def _placed(
     when none was placed sure (``carried.prior`` is None). With the in-context refiner, ``similarity`` is
     :func:`~medmeta_plugin.networks.refiner.carried_similarity`: the carried masks are refined below
     :data:`~medmeta_plugin.networks.refiner.KEEP_SIMILARITY`, kept as carried at or above it."""
-    incontext = similarity is not None and similarity < KEEP_SIMILARITY
+    incontext = similarity is not None and not keeps_carried(similarity)
     total, sure, best = len(carried.cases), carried.sure, carried.confidence
     unsure = [c for c in carried.cases if not c.sure and c.error is None]
     failed = [c for c in carried.cases if c.error is not None]

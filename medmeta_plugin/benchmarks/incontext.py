@@ -51,7 +51,7 @@ from medmeta_plugin.episodes.carried import CarryConfig, simulate_carry
 from medmeta_plugin.episodes.splits import ABDOMEN_DEV, BRAIN_DEV, is_held_out
 from medmeta_plugin.networks import Refiner, refine_prior
 from medmeta_plugin.networks.objectives import task_loss
-from medmeta_plugin.networks.refiner import CARRIED_FLOOR, KEEP_SIMILARITY, carried_similarity, refiner_box
+from medmeta_plugin.networks.refiner import CARRIED_FLOOR, carried_similarity, keeps_carried, refiner_box
 from medmeta_plugin.registration import register
 from medmeta_plugin.registration.warp import warp_to
 
@@ -318,7 +318,7 @@ def score_pair(
         carried = warp_to(mask, support.affine, query.image.shape, query.affine, registration.matrix)
         refined = refine(model, query.image, carried, spacing)
         similarity = _similarity(model, query, carried_image, carried, spacing)
-        kept = similarity is not None and similarity >= KEEP_SIMILARITY  # the app keeps the carried mask
+        kept = keeps_carried(similarity)  # the app keeps the carried mask
         rows.append(
             {
                 "pair": f"{support.name}->{query.name}",

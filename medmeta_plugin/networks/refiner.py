@@ -29,6 +29,7 @@ __all__ = [
     "REFINER_MARGIN_MM",
     "Refiner",
     "carried_similarity",
+    "keeps_carried",
     "refine_prior",
     "refiner_box",
 ]
@@ -127,6 +128,13 @@ def carried_similarity(
         other = (other - other.mean()) / (other.std(correction=0) + 1e-6)
         values.append(float((query * other).mean()))
     return float(np.mean(values))
+
+
+def keeps_carried(similarity: float | None) -> bool:
+    """Whether the carried mask is kept rather than refined: the labelled scans match the query as a rescan
+    does (``similarity`` from :func:`carried_similarity` at least :data:`KEEP_SIMILARITY`); False without a
+    similarity."""
+    return similarity is not None and similarity >= KEEP_SIMILARITY
 
 
 @torch.no_grad()

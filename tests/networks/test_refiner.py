@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from medmeta_plugin.networks import Refiner, load_backbone, load_refiner, refine_prior, save_refiner
-from medmeta_plugin.networks.refiner import MIN_BOX, REFINER_MARGIN_MM, _box, carried_similarity, refiner_box
+from medmeta_plugin.networks.refiner import (
+    KEEP_SIMILARITY,
+    MIN_BOX,
+    REFINER_MARGIN_MM,
+    _box,
+    carried_similarity,
+    keeps_carried,
+    refiner_box,
+)
 
 
 @pytest.fixture
@@ -64,6 +72,11 @@ def test_carried_similarity_is_the_mean_correlation_on_the_box() -> None:
     outside = image.clone()
     outside[0] = 100.0  # outside the box: not compared
     assert carried_similarity(image, (outside, -image), box) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_carried_mask_is_kept_from_the_rescan_threshold_up() -> None:
+    assert keeps_carried(KEEP_SIMILARITY) and keeps_carried(0.99)
+    assert not keeps_carried(KEEP_SIMILARITY - 1e-6) and not keeps_carried(-0.2) and not keeps_carried(None)
 
 
 def test_the_refiner_box_is_the_one_refine_prior_answers_on(refiner: Refiner) -> None:
