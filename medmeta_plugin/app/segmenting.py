@@ -32,7 +32,7 @@ from medmeta_plugin.app.grid import WorkingVolume, to_original_grid
 from medmeta_plugin.app.priors import AtlasPriors, StructurePrior
 from medmeta_plugin.app.serving import Serving
 from medmeta_plugin.networks import BackboneOutput, Refiner, TaskAdapter, load_refiner, refine_prior
-from medmeta_plugin.networks.refiner import KEEP_SIMILARITY, carried_similarity, keeps_carried, refiner_box
+from medmeta_plugin.networks.refiner import KEEP_SIMILARITY, carried_similarity, keeps_carried
 
 __all__ = ["FOUND_BY", "Provenance", "Segmentation", "Segmenter", "mask_uncertainty"]
 
@@ -236,9 +236,9 @@ class Segmenter:
         similarity = None
         if self._refiner is not None and served.prior is not None:
             scan = volume.crop(volume.image)[0, 0]
-            box = refiner_box(served.prior, self.config.spacing, self._refiner.divisor)
             carried = tuple(torch.from_numpy(i) for i in served.carried.images)
-            similarity = carried_similarity(scan, carried, box)
+            spacing, divisor = self.config.spacing, self._refiner.divisor
+            similarity = carried_similarity(scan, carried, served.prior, spacing, divisor)
         found = _placed(served.carried, served.supports, threshold, self.config.refine, similarity)
         return (served if served.prior is not None else None), found
 

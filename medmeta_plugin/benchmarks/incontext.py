@@ -51,7 +51,7 @@ from medmeta_plugin.episodes.carried import CarryConfig, simulate_carry
 from medmeta_plugin.episodes.splits import ABDOMEN_DEV, BRAIN_DEV, is_held_out
 from medmeta_plugin.networks import Refiner, refine_prior
 from medmeta_plugin.networks.objectives import task_loss
-from medmeta_plugin.networks.refiner import CARRIED_FLOOR, carried_similarity, keeps_carried, refiner_box
+from medmeta_plugin.networks.refiner import CARRIED_FLOOR, carried_similarity, keeps_carried
 from medmeta_plugin.registration import register
 from medmeta_plugin.registration.warp import warp_to
 
@@ -286,17 +286,6 @@ def refine(
     return out
 
 
-def _similarity(
-    model: Refiner, query: ScanCase, carried_image: np.ndarray, carried: np.ndarray, spacing_mm: float
-) -> float | None:
-    """:func:`~medmeta_plugin.networks.refiner.carried_similarity` on the refiner's box, as the app reads it
-    (None for an empty carried mask)."""
-    if not (carried > CARRIED_FLOOR).any():
-        return None
-    box = refiner_box(torch.from_numpy(carried), (spacing_mm,) * 3, model.divisor)
-    return carried_similarity(torch.from_numpy(query.image), (torch.from_numpy(carried_image),), box)
-
-
 def score_pair(
     model: Refiner, support: ScanCase, query: ScanCase, structures: Sequence[str]
 ) -> list[dict[str, Any]]:
@@ -317,7 +306,13 @@ def score_pair(
         mask = support.mask(name).astype(np.float32)
         carried = warp_to(mask, support.affine, query.image.shape, query.affine, registration.matrix)
         refined = refine(model, query.image, carried, spacing)
-        similarity = _similarity(model, query, carried_image, carried, spacing)
+        similarity = carried_similarity(
+            torch.from_numpy(query.image),
+            (torch.from_numpy(carried_image),),
+            torch.from_numpy(carried),
+            (spacing,) * 3,
+            model.divisor,
+        )
         kept = keeps_carried(similarity)  # the app keeps the carried mask
         rows.append(
             {

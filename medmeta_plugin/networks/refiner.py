@@ -45,8 +45,7 @@ MIN_BOX = 48
 #: A carried scan that correlates with the query this well on the refiner's box (:func:`carried_similarity`)
 #: matches it as a rescan of one patient does: the carried mask is kept, not refined. The refiner learned to
 #: correct the misalignment between two anatomies; where there is none it can only add its own error. Read
-#: on development structures: deformed, re-contrasted copies of one brain correlate at 0.95-0.997, the two
-#: brain templates (two subjects) at 0.75-0.88, CT onto MR below 0.12 (docs/BENCHMARKS.md).
+#: between the values of development structures (docs/BENCHMARKS.md#in-context-refinement).
 KEEP_SIMILARITY = 0.92
 
 
@@ -105,21 +104,27 @@ def refiner_box(
 
 
 def carried_similarity(
-    image: torch.Tensor, carried_images: tuple[torch.Tensor, ...], box: tuple[slice, slice, slice]
+    image: torch.Tensor,
+    carried_images: tuple[torch.Tensor, ...],
+    prior: torch.Tensor,
+    spacing_mm: tuple[float, float, float],
+    divisor: int,
 ) -> float | None:
-    """How closely the labelled scans, carried onto the query, match it where the structure is: the mean
-    over scans of their Pearson correlation with ``image`` on ``box``.
+    """How closely the labelled scans, carried onto the query, match it where the refiner would run: the
+    mean over scans of their Pearson correlation with ``image`` on :func:`refiner_box` of ``prior``.
 
     Args:
         image: the query on its working grid, shape (X, Y, Z); carried_images: each labelled scan carried
             onto that grid (:attr:`~medmeta_plugin.adapt.atlas.CarriedPrior.images`), the same shape.
-        box: the region compared (:func:`refiner_box`).
+        prior: the carried prior on that grid, (X, Y, Z); spacing_mm, divisor: as :func:`refiner_box`.
 
     Returns:
-        The correlation in [-1, 1]; None without carried images.
+        The correlation in [-1, 1]; None without carried images or when the prior is empty (nothing was
+        carried onto this scan, so there is nothing to refine or keep).
     """
-    if not carried_images:
+    if not carried_images or not bool((prior > CARRIED_FLOOR).any()):
         return None
+    box = refiner_box(prior, spacing_mm, divisor)
     query = image[box].float().flatten()
     query = (query - query.mean()) / (query.std(correction=0) + 1e-6)
     values = []

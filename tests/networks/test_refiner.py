@@ -62,16 +62,20 @@ def test_refine_prior_answers_on_the_box(refiner: Refiner) -> None:
     assert same == box and not torch.equal(blind, logits), "the carried channel reaches the output"
 
 
-def test_carried_similarity_is_the_mean_correlation_on_the_box() -> None:
+def test_carried_similarity_is_the_mean_correlation_on_the_refiner_box() -> None:
     torch.manual_seed(0)
-    image = torch.randn(20, 20, 20)
-    box = (slice(2, 18), slice(2, 18), slice(2, 18))
-    assert carried_similarity(image, (), box) is None
-    assert carried_similarity(image, (3.0 * image + 1.0,), box) == pytest.approx(1.0, abs=1e-5)
-    assert carried_similarity(image, (-image,), box) == pytest.approx(-1.0, abs=1e-5)
+    image, prior = torch.randn(100, 20, 20), torch.zeros(100, 20, 20)
+    prior[10:14, 5:15, 5:15] = 1.0
+    spacing = (3.0, 3.0, 3.0)
+    box = refiner_box(prior, spacing, 8)
+    assert box[0].stop <= 60  # far from x = 90
+    assert carried_similarity(image, (), prior, spacing, 8) is None
+    assert carried_similarity(image, (image,), torch.zeros_like(prior), spacing, 8) is None, "nothing carried"
+    assert carried_similarity(image, (3.0 * image + 1.0,), prior, spacing, 8) == pytest.approx(1.0, abs=1e-5)
+    assert carried_similarity(image, (-image,), prior, spacing, 8) == pytest.approx(-1.0, abs=1e-5)
     outside = image.clone()
-    outside[0] = 100.0  # outside the box: not compared
-    assert carried_similarity(image, (outside, -image), box) == pytest.approx(0.0, abs=1e-5)
+    outside[90] = 100.0  # outside the box: not compared
+    assert carried_similarity(image, (outside, -image), prior, spacing, 8) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_the_carried_mask_is_kept_from_the_rescan_threshold_up() -> None:
